@@ -1,0 +1,283 @@
+"""Loading config.toml: environment expansion, `*_file` secrets, validation, and errors that name the key.
+
+Loading is all-or-nothing: either a whole valid Config comes back, or a ConfigError listing every problem
+found, each as `FILE: KEY.PATH: what is wrong`. Nothing in an error ever shows a secret's value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from canary.scrub import Scrubber
+from probes.base import Duration, Probe, ProbeSettings, StaticLabels
+
+DEFAULT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0)
+_VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
+
+
+class DaemonSettings(BaseModel):
+    """The `[daemon]` table: where to listen, and the defaults every probe inherits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listen: str = Field(default="127.0.0.1:9465", pattern=r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]*):\d{1,5}$")
+    interval: Duration = 30.0
+    timeout: Duration = 10.0
+    jitter: Duration = 10.0
+    shutdown_grace: Duration = 10.0
+    history: int = Field(default=30, ge=1, le=1000)
+    labels: StaticLabels = Field(default_factory=dict)
+    latency_buckets: tuple[float, ...] = DEFAULT_BUCKETS
+    log_level: typing.Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("latency_buckets")
+    @classmethod
+    def _sorted_buckets(cls, buckets: tuple[float, ...]) -> tuple[float, ...]:
+        if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] <= 0:
+            raise ValueError("must be a non-empty list of increasing positive numbers")
+        return buckets
+
+    def listen_host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    daemon: DaemonSettings
+    probes: tuple[ProbeSettings, ...]
+    secrets: frozenset[str]
+
+    def scrubber(self) -> Scrubber:
+        return Scrubber(self.secrets)
+
+
+class ConfigError(Exception):
+    """Every problem found in one config file, each naming the key path."""
+
+    def __init__(self, path: Path | str, problems: list[str]) -> None:
+        self.path = str(path)
+        self.problems = problems
+        super().__init__("\n".join(f"{self.path}: {problem}" for problem in problems))
+
+
+def load_config(
+    path: Path | str,
+    probe_types: Mapping[str, type[Probe]],
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read, expand and validate one config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, [f"cannot read the file: {getattr(exc, 'strerror', None) or exc}"]) from None
+    return parse_config(text, path, probe_types, os.environ if environ is None else environ)
+
+
+def parse_config(
+    text: str, path: Path, probe_types: Mapping[str, type[Probe]], environ: Mapping[str, str]
+) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
+
+    problems: list[str] = []
+    raw = _expand(raw, "", environ, problems)
+    for key in raw:
+        if key not in ("daemon", "probes"):
+            problems.append(f"{key}: unknown key (the top level takes [daemon] and [[probes]])")
+
+    raw_secrets = _raw_secret_values(raw, probe_types)
+    daemon = _validate(DaemonSettings, _table(raw.get("daemon", {}), "daemon", problems), "daemon", problems)
+
+    raw_probes = raw.get("probes", [])
+    if not isinstance(raw_probes, list):
+        problems.append("probes: must be an array of tables, written [[probes]]")
+        raw_probes = []
+    probes: list[ProbeSettings] = []
+    first_index_by_name: dict[str, int] = {}
+    for index, entry in enumerate(raw_probes):
+        where = f"probes[{index}]"
+        settings = _validate_probe(entry, where, probe_types, problems)
+        if settings is None:
+            continue
+        if settings.name in first_index_by_name:
+            problems.append(
+                f"{where}.name: duplicate probe name {settings.name!r} (first used by probes[{first_index_by_name[settings.name]}])"
+            )
+            continue
+        first_index_by_name[settings.name] = index
+        if daemon is not None:
+            settings = _inherit_defaults(settings, daemon, where, problems)
+        probes.append(settings)
+
+    if problems:
+        scrub = Scrubber(raw_secrets)
+        raise ConfigError(path, [scrub(problem) for problem in problems])
+    assert daemon is not None
+    secrets = {secret for probe in probes for secret in probe.secret_values()} | set(raw_secrets)
+    return Config(path=path, daemon=daemon, probes=tuple(probes), secrets=frozenset(secrets))
+
+
+def _validate_probe(
+    entry: Any, where: str, probe_types: Mapping[str, type[Probe]], problems: list[str]
+) -> ProbeSettings | None:
+    if not isinstance(entry, dict):
+        problems.append(f"{where}: must be a table")
+        return None
+    type_name = entry.get("type")
+    if type_name is None:
+        problems.append(f"{where}.type: required key is missing (one of: {', '.join(sorted(probe_types))})")
+        return None
+    if type_name not in probe_types:
+        problems.append(f"{where}.type: unknown probe type {type_name!r} (known: {', '.join(sorted(probe_types))})")
+        return None
+    model = probe_types[type_name].settings_model
+    entry = _resolve_secret_files(entry, model, where, problems)
+    return _validate(model, entry, where, problems)
+
+
+def _inherit_defaults(
+    settings: ProbeSettings, daemon: DaemonSettings, where: str, problems: list[str]
+) -> ProbeSettings:
+    interval = settings.interval or daemon.interval
+    timeout = settings.timeout or min(daemon.timeout, interval)
+    if timeout > interval:
+        problems.append(f"{where}.timeout: {timeout:g}s is longer than the interval {interval:g}s (a probe never overlaps itself)")
+    return settings.model_copy(update={"interval": interval, "timeout": timeout})
+
+
+def _table(value: Any, where: str, problems: list[str]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    problems.append(f"{where}: must be a table")
+    return {}
+
+
+def _validate(model: type[BaseModel], data: dict[str, Any], where: str, problems: list[str]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        secret_fields = _secret_fields(model)
+        for error in exc.errors(include_url=False):
+            problems.append(_describe_error(where, error, secret_fields))
+        return None
+
+
+def _describe_error(where: str, error: Any, secret_fields: set[str]) -> str:
+    path = where
+    for part in error["loc"]:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part not in ("function-after", "function-before") and not str(part).startswith(("function-", "lax-", "json-")):
+            path += f".{part}" if path else str(part)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    is_secret = any(part in secret_fields for part in error["loc"] if isinstance(part, str))
+    if kind != "value_error" and not is_secret and isinstance(value, (str, int, float, bool)) and len(str(value)) <= 80:
+        message += f" (got {value!r})"
+    return f"{path}: {message}"
+
+
+def _expand(value: Any, where: str, environ: Mapping[str, str], problems: list[str]) -> Any:
+    """Expand ${VAR}, ${VAR:-default} and ${VAR-default} in every string; `$$` is a literal `$`."""
+    if isinstance(value, str):
+        return _expand_string(value, where, environ, problems)
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{where}.{k}" if where else k, environ, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{where}[{i}]", environ, problems) for i, v in enumerate(value)]
+    return value
+
+
+def _expand_string(text: str, where: str, environ: Mapping[str, str], problems: list[str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, operator, default = match.group(1), match.group(2), match.group(3)
+        current = environ.get(name)
+        if operator == ":-" and not current:
+            return default
+        if operator == "-" and current is None:
+            return default
+        if current is None:
+            problems.append(
+                f"{where}: environment variable {name} is not set (write ${{{name}:-default}} to give a default)"
+            )
+            return ""
+        return current
+
+    return _VARIABLE.sub(replace, text)
+
+
+def _secret_fields(model: type[BaseModel]) -> set[str]:
+    return {name for name, field in model.model_fields.items() if _holds_secret(field.annotation)}
+
+
+def _holds_secret(annotation: Any) -> bool:
+    if annotation is SecretStr:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, dict, list, tuple, typing.Annotated):
+        return any(_holds_secret(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def _resolve_secret_files(entry: dict[str, Any], model: type[BaseModel], where: str, problems: list[str]) -> dict[str, Any]:
+    """`password_file = "/run/secrets/pg"` stands for `password = <that file's contents>` for any secret key."""
+    secret_fields = _secret_fields(model)
+    resolved = dict(entry)
+    for key, value in entry.items():
+        base = key.removesuffix("_file")
+        if base == key or base not in secret_fields:
+            continue
+        del resolved[key]
+        if base in entry:
+            problems.append(f"{where}.{key}: set either {base} or {key}, not both")
+            continue
+        if not isinstance(value, str):
+            problems.append(f"{where}.{key}: must be a file path string")
+            continue
+        try:
+            resolved[base] = Path(value).read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"{where}.{key}: cannot read secret file {value!r}: {getattr(exc, 'strerror', None) or exc}")
+    return resolved
+
+
+def _raw_secret_values(raw: dict[str, Any], probe_types: Mapping[str, type[Probe]]) -> list[str]:
+    """Secrets as written (after expansion), so even a config that fails validation cannot leak them."""
+    found: list[str] = []
+    for entry in raw.get("probes", []) if isinstance(raw.get("probes"), list) else []:
+        if not isinstance(entry, dict) or entry.get("type") not in probe_types:
+            continue
+        for field in _secret_fields(probe_types[entry["type"]].settings_model):
+            found.extend(_strings(entry.get(field)))
+    return found
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []

@@ -1,0 +1,106 @@
+"""`probe --once`: every selected probe once, concurrently, reported as a table, JSON or JUnit XML."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from canary.config import Config
+from canary.result import Result
+from canary.runner import run_once
+from probes.base import Probe, ProbeSettings
+
+
+@dataclass(frozen=True)
+class Outcome:
+    settings: ProbeSettings
+    result: Result
+
+
+def select(probes: Iterable[ProbeSettings], only: list[str]) -> list[ProbeSettings]:
+    """Probes whose name or channel is in `only` (all of them when `only` is empty)."""
+    wanted = set(only)
+    return [p for p in probes if not wanted or p.name in wanted or p.channel in wanted]
+
+
+async def run_all(
+    config: Config, probes: list[ProbeSettings], build_probe: Callable[[ProbeSettings], Probe]
+) -> list[Outcome]:
+    scrub = config.scrubber()
+
+    async def one(settings: ProbeSettings) -> Outcome:
+        probe = build_probe(settings)
+        try:
+            return Outcome(settings, await run_once(probe, settings.timeout or 10.0, scrub))
+        finally:
+            await probe.close()
+
+    return list(await asyncio.gather(*(one(settings) for settings in probes)))
+
+
+def as_json(outcomes: list[Outcome]) -> str:
+    results = [
+        {
+            "name": o.settings.name,
+            "type": o.settings.type,
+            "channel": o.settings.channel,
+            "success": o.result.success,
+            "reason": o.result.reason,
+            "duration_seconds": round(o.result.duration_seconds, 6),
+            "message": o.result.message,
+            "phases": {k: round(v, 6) for k, v in sorted(o.result.phases.items())},
+            "checks": [{"passed": c.passed, "text": c.text} for c in o.result.checks],
+        }
+        for o in outcomes
+    ]
+    passed = sum(o.result.success for o in outcomes)
+    return json.dumps({"results": results, "passed": passed, "failed": len(outcomes) - passed}, indent=2)
+
+
+def as_junit(outcomes: list[Outcome]) -> str:
+    failures = sum(not o.result.success for o in outcomes)
+    total_time = sum(o.result.duration_seconds for o in outcomes)
+    suites = ET.Element("testsuites", name="channel-canary", tests=str(len(outcomes)), failures=str(failures))
+    suite = ET.SubElement(
+        suites, "testsuite", name="channel-canary", tests=str(len(outcomes)),
+        failures=str(failures), errors="0", skipped="0", time=f"{total_time:.3f}",
+    )
+    for o in outcomes:
+        case = ET.SubElement(
+            suite, "testcase", classname=f"{o.settings.channel}.{o.settings.type}",
+            name=o.settings.name, time=f"{o.result.duration_seconds:.3f}",
+        )
+        if not o.result.success:
+            failure = ET.SubElement(case, "failure", type=o.result.reason, message=o.result.message)
+            failure.text = "\n".join(f"{'PASS' if c.passed else 'FAIL'} {c.text}" for c in o.result.checks) or o.result.message
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def as_table(outcomes: list[Outcome], message_width: int = 90) -> str:
+    header = ("PROBE", "TYPE", "CHANNEL", "RESULT", "REASON", "TIME", "MESSAGE")
+    rows = [header] + [
+        (
+            o.settings.name,
+            o.settings.type,
+            o.settings.channel,
+            "PASS" if o.result.success else "FAIL",
+            o.result.reason,
+            f"{o.result.duration_seconds * 1000:.0f}ms",
+            _clip(o.result.message, message_width),
+        )
+        for o in outcomes
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
+    passed = sum(o.result.success for o in outcomes)
+    lines.append(f"\n{passed} probes passed, {len(outcomes) - passed} failed")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,45 @@
+"""Runs one probe once under its timeout and turns whatever happens into a Result.
+
+This is the only place that catches a probe's exceptions: a hang becomes `timeout`, a crash or a
+malformed return becomes `internal`, and every message is scrubbed of secrets. Cancellation passes through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from time import perf_counter
+
+from canary.durations import format_duration
+from canary.phases import PhaseTimer
+from canary.result import Result
+from canary.scrub import Scrubber
+from probes.base import Probe
+
+log = logging.getLogger("canary.runner")
+MAX_MESSAGE_LENGTH = 500
+
+
+async def run_once(probe: Probe, timeout: float, scrub: Scrubber) -> Result:
+    timer = PhaseTimer()
+    started = perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            result = await probe.run(timer)
+        if not isinstance(result, Result):
+            result = Result.fail("internal", f"probe returned {type(result).__name__}, not a Result")
+    except TimeoutError:
+        during = f" during {timer.current}" if timer.current else ""
+        result = Result.fail("timeout", f"no answer within {format_duration(timeout)}{during}")
+    except Exception as exc:  # noqa: BLE001 - a probe's bug must fail that probe alone
+        log.warning("probe %s raised %s: %s", probe.settings.name, type(exc).__name__, scrub(str(exc)))
+        result = Result.fail("internal", f"probe raised {type(exc).__name__}: {exc}")
+    duration = perf_counter() - started
+    phases = dict(timer.phases)
+    phases.update(result.phases)
+    message = scrub(result.message)
+    if len(message) > MAX_MESSAGE_LENGTH:
+        message = message[: MAX_MESSAGE_LENGTH - 1] + "…"
+    checks = tuple(replace(check, text=scrub(check.text)) for check in result.checks)
+    return replace(result, duration_seconds=duration, phases=phases, message=message, checks=checks)

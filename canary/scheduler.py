@@ -1,0 +1,151 @@
+"""Runs every probe at its interval, each in its own task, on a fixed grid with a stable per-probe offset.
+
+A probe's runs never overlap: one task per probe runs it, waits, and runs it again. When a run takes longer
+than the gap to its next slot, the missed slots are skipped (and counted), not queued. The scheduler knows
+nothing about probe types; it builds probes through the factory it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from canary.runner import run_once
+from canary.scrub import Scrubber
+from canary.state import ResultStore
+from probes.base import Probe, ProbeSettings
+
+log = logging.getLogger("canary.scheduler")
+
+
+class SchedulerObserver(Protocol):
+    def observe_lateness(self, seconds: float) -> None: ...
+    def count_skipped(self, name: str, slots: int) -> None: ...
+
+
+def stable_offset(name: str, spread: float) -> float:
+    """Where in [0, spread) this probe's slots fall: the same on every start, different across probes."""
+    return (zlib.crc32(name.encode()) / 2**32) * spread
+
+
+@dataclass
+class _Running:
+    settings: ProbeSettings
+    probe: Probe
+    task: asyncio.Task[None]
+    in_run: bool = False
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: ResultStore,
+        build_probe: Callable[[ProbeSettings], Probe],
+        observer: SchedulerObserver,
+    ) -> None:
+        self._store = store
+        self._build_probe = build_probe
+        self._observer = observer
+        self._loop = asyncio.get_running_loop()
+        self._epoch = self._loop.time()
+        self._running: dict[str, _Running] = {}
+        self._scrub = Scrubber()
+        self._jitter = 0.0
+        self._stopping = False
+
+    @property
+    def probe_names(self) -> list[str]:
+        return list(self._running)
+
+    async def apply(self, probes: tuple[ProbeSettings, ...], jitter: float, scrub: Scrubber) -> None:
+        """Start, stop and restart probe tasks so that exactly `probes` run. Unchanged probes keep their slots."""
+        self._scrub = scrub
+        jitter_changed = jitter != self._jitter
+        self._jitter = jitter
+        wanted = {settings.name: settings for settings in probes}
+        stale = [
+            name for name, running in self._running.items()
+            if jitter_changed or wanted.get(name) != running.settings
+        ]
+        await self._stop_tasks([self._running.pop(name) for name in stale], grace=0.0)
+        for name, settings in wanted.items():
+            if name not in self._running:
+                self._start(settings)
+
+    def _start(self, settings: ProbeSettings) -> None:
+        probe = self._build_probe(settings)
+        running = _Running(settings, probe, task=None)  # type: ignore[arg-type]
+        running.task = self._loop.create_task(self._loop_probe(running), name=f"probe:{settings.name}")
+        self._running[settings.name] = running
+
+    async def _loop_probe(self, running: _Running) -> None:
+        settings = running.settings
+        interval = settings.interval or 30.0
+        timeout = settings.timeout or interval
+        loop = self._loop
+        now = loop.time()
+        slot = self._epoch + stable_offset(settings.name, min(self._jitter, interval))
+        if slot < now:  # started by a reload: join the grid at the next free slot
+            slot += ((now - slot) // interval + 1) * interval
+        while not self._stopping:
+            delay = slot - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            lateness = max(loop.time() - slot, 0.0)
+            self._observer.observe_lateness(lateness)
+            running.in_run = True
+            try:
+                result = await run_once(running.probe, timeout, self._scrub)
+            finally:
+                running.in_run = False
+            try:
+                self._note_transition(settings, result)
+                self._store.record(settings.name, result, time.time(), lateness)
+            except Exception:  # noqa: BLE001 - a broken listener must not stop this probe's schedule
+                log.exception("recording the result of probe %s failed", settings.name)
+            slot += interval
+            behind = loop.time() - slot
+            if behind > 0:
+                missed = int(behind // interval) + 1
+                self._observer.count_skipped(settings.name, missed)
+                slot += missed * interval
+
+    def _note_transition(self, settings: ProbeSettings, result) -> None:  # type: ignore[no-untyped-def]
+        record = self._store.get(settings.name)
+        previous = record.latest if record is not None else None
+        if result.success and previous is not None and not previous.success:
+            log.info("probe %s recovered (channel %s)", settings.name, settings.channel)
+        elif not result.success and (previous is None or previous.success or previous.reason != result.reason):
+            log.warning(
+                "probe %s failed (channel %s, reason %s): %s",
+                settings.name, settings.channel, result.reason, result.message,
+            )
+
+    async def stop(self, grace: float) -> None:
+        """Let runs in flight finish for up to `grace` seconds, then cancel what is left."""
+        self._stopping = True
+        running = list(self._running.values())
+        self._running.clear()
+        await self._stop_tasks(running, grace)
+
+    async def _stop_tasks(self, running: list[_Running], grace: float) -> None:
+        if not running:
+            return
+        for item in running:
+            if not item.in_run or grace <= 0:
+                item.task.cancel()
+        busy = [item.task for item in running if not item.task.done()]
+        if busy and grace > 0:
+            _, pending = await asyncio.wait(busy, timeout=grace)
+            for task in pending:
+                task.cancel()
+        await asyncio.gather(*(item.task for item in running), return_exceptions=True)
+        for item in running:
+            try:
+                await item.probe.close()
+            except Exception as exc:  # noqa: BLE001 - closing one probe must not stop the others closing
+                log.warning("probe %s did not close cleanly: %s", item.settings.name, self._scrub(str(exc)))

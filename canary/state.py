@@ -1,0 +1,118 @@
+"""The latest results of every configured probe, with the running totals the exporter and status page read.
+
+The scheduler writes here and nothing else does; the exporter, the status page and `--once` only read.
+A probe removed from the config is removed from here on reload, so its series vanish on the next scrape.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from canary.result import Result
+from probes.base import ProbeSettings
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    wall_time: float
+    success: bool
+    reason: str
+    duration_seconds: float
+    message: str
+
+
+class ProbeRecord:
+    """Everything known about one probe: its settings, last result and counts since it was (re)configured."""
+
+    __slots__ = (
+        "settings", "latest", "last_run_time", "last_success_time", "runs", "failures",
+        "bucket_counts", "latency_sum", "history", "version", "last_lateness",
+    )
+
+    def __init__(self, settings: ProbeSettings, bucket_count: int, history: int) -> None:
+        self.settings = settings
+        self.latest: Result | None = None
+        self.last_run_time = 0.0
+        self.last_success_time = 0.0
+        self.runs = {"success": 0, "failure": 0}
+        self.failures: dict[str, int] = {}
+        self.bucket_counts = [0] * (bucket_count + 1)  # the last one is +Inf
+        self.latency_sum = 0.0
+        self.history: deque[HistoryEntry] = deque(maxlen=history)
+        self.version = 0
+        self.last_lateness = 0.0
+
+
+Listener = Callable[[ProbeRecord], None]
+
+
+class ResultStore:
+    def __init__(self, buckets: tuple[float, ...], history: int) -> None:
+        self.buckets = buckets
+        self.history = history
+        self._records: dict[str, ProbeRecord] = {}
+        self._listeners: list[Listener] = []
+
+    def add_listener(self, listener: Listener) -> None:
+        """Called after each recorded result, e.g. to pre-render that probe's metrics off the scrape path."""
+        self._listeners.append(listener)
+
+    def sync(self, probes: Iterable[ProbeSettings], buckets: tuple[float, ...], history: int) -> None:
+        """Match the store to a newly loaded config; probes whose settings did not change keep their totals."""
+        keep_totals = buckets == self.buckets and history == self.history
+        self.buckets, self.history = buckets, history
+        records: dict[str, ProbeRecord] = {}
+        for settings in probes:
+            old = self._records.get(settings.name)
+            if old is not None and keep_totals and old.settings == settings:
+                records[settings.name] = old
+            else:
+                records[settings.name] = ProbeRecord(settings, len(buckets), history)
+        self._records = records
+
+    def record(self, name: str, result: Result, wall_time: float, lateness: float = 0.0) -> None:
+        record = self._records.get(name)
+        if record is None:  # the probe was removed by a reload while it ran
+            return
+        record.latest = result
+        record.last_run_time = wall_time
+        record.last_lateness = lateness
+        if result.success:
+            record.last_success_time = wall_time
+            record.runs["success"] += 1
+        else:
+            record.runs["failure"] += 1
+            record.failures[result.reason] = record.failures.get(result.reason, 0) + 1
+        record.bucket_counts[bisect.bisect_left(self.buckets, result.duration_seconds)] += 1
+        record.latency_sum += result.duration_seconds
+        record.history.append(
+            HistoryEntry(wall_time, result.success, result.reason, result.duration_seconds, result.message)
+        )
+        record.version += 1
+        for listener in self._listeners:
+            listener(record)
+
+    def get(self, name: str) -> ProbeRecord | None:
+        return self._records.get(name)
+
+    def records(self) -> list[ProbeRecord]:
+        return list(self._records.values())
+
+    def channel_states(self) -> dict[str, bool]:
+        """Channel → up: every probe of the channel passed its last run and no probe saw the platform report it down.
+
+        A channel whose probes have not run yet is left out rather than guessed.
+        """
+        states: dict[str, bool] = {}
+        for record in self._records.values():
+            result = record.latest
+            if result is None:
+                continue
+            channel = record.settings.channel
+            states[channel] = states.get(channel, True) and result.success
+            for reported, up in result.channels.items():
+                states[reported] = states.get(reported, True) and up
+        return states

@@ -1,0 +1,1 @@
+"""Everything that shows results: /metrics, the health endpoints and the status page."""

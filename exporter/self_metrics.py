@@ -1,0 +1,62 @@
+"""The daemon's metrics about itself: scheduler lateness, skipped slots, config reloads, build."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics, generate_latest
+
+from canary import __version__
+
+LATENESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class DaemonMetrics:
+    """Lives in a private registry, so several daemons (or tests) in one process never collide."""
+
+    def __init__(self) -> None:
+        # `_created` series double the self-metrics and no alert or panel reads them.
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._lateness = Histogram(
+            "canary_scheduler_lateness_seconds",
+            "How late probe runs started against their scheduled slot.",
+            buckets=LATENESS_BUCKETS,
+            registry=self.registry,
+        )
+        self._skipped = Counter(
+            "canary_scheduler_skipped_runs",
+            "Scheduled slots skipped because the probe's previous run was still going.",
+            registry=self.registry,
+        )
+        self._reload_ok = Gauge(
+            "canary_config_last_reload_successful",
+            "Whether the last attempt to load the config succeeded (1) or failed (0).",
+            registry=self.registry,
+        )
+        self._reload_time = Gauge(
+            "canary_config_last_reload_success_timestamp_seconds",
+            "When the config was last loaded successfully, in Unix time.",
+            registry=self.registry,
+        )
+        self._probes = Gauge("canary_probes", "Probes in the running config.", registry=self.registry)
+        Info("canary_build", "The running channel-canary build.", registry=self.registry).info(
+            {"version": __version__, "python_version": platform.python_version()}
+        )
+
+    def observe_lateness(self, seconds: float) -> None:
+        self._lateness.observe(seconds)
+
+    def count_skipped(self, name: str, slots: int) -> None:
+        self._skipped.inc(slots)
+
+    def config_loaded(self, ok: bool, probe_count: int | None = None) -> None:
+        self._reload_ok.set(1 if ok else 0)
+        if ok:
+            self._reload_time.set(time.time())
+            if probe_count is not None:
+                self._probes.set(probe_count)
+
+    def exposition(self) -> str:
+        return generate_latest(self.registry).decode()

@@ -1,0 +1,69 @@
+"""The daemon's HTTP face: /metrics, /healthz, /readyz, / (status page) and /status.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from aiohttp import web
+
+from canary.state import ResultStore
+from exporter.exposition import ProbeExposition
+from exporter.self_metrics import DaemonMetrics
+from exporter.status_page import render_status_page, status_json
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class ExporterSources:
+    """What the endpoints read. They never write: results flow in only through the store."""
+
+    store: ResultStore
+    probe_exposition: ProbeExposition
+    daemon_metrics: DaemonMetrics
+    is_ready: Callable[[], bool]
+
+
+SOURCES = web.AppKey("sources", ExporterSources)
+
+
+def build_exporter_app(sources: ExporterSources) -> web.Application:
+    app = web.Application()
+    app[SOURCES] = sources
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/status.json", _status_json)
+    app.router.add_get("/", _status_page)
+    return app
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    sources = request.app[SOURCES]
+    text = sources.daemon_metrics.exposition() + sources.probe_exposition.exposition(
+        sources.store.records(), sources.store.channel_states()
+    )
+    return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    if request.app[SOURCES].is_ready():
+        return web.Response(text="ready\n")
+    return web.Response(status=503, text="not ready: config not loaded or scheduler not running\n")
+
+
+async def _status_json(request: web.Request) -> web.Response:
+    store = request.app[SOURCES].store
+    return web.json_response(status_json(store.records(), store.channel_states()))
+
+
+async def _status_page(request: web.Request) -> web.Response:
+    store = request.app[SOURCES].store
+    return web.Response(
+        text=render_status_page(store.records(), store.channel_states()), content_type="text/html"
+    )

@@ -1,0 +1,379 @@
+"""`http` probe: one HTTP request, judged on status, JSON fields and body regexes, timed phase by phase.
+
+Each run opens a fresh connection by default (the session's connector closes it after the answer), so DNS,
+connect and TLS times are real every time. Phases come from aiohttp's tracing, plus one hook in the
+connector that marks when TCP is up, so TLS is timed apart from connect.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+from time import perf_counter
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import aiohttp
+from pydantic import Field, field_validator, model_validator
+from yarl import URL
+
+from canary import __version__
+from canary.phases import PhaseTimer
+from canary.result import Check, Result
+from probes.base import Probe, ProbeSettings
+from probes.jsonpath import is_missing, lookup, parse_path
+
+JsonScalar = str | int | float | bool | None
+_SECRET_HEADER = re.compile(r"auth|token|key|secret|cookie|signature|session|password", re.IGNORECASE)
+_CHANNEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_MAX_CHANNELS = 32
+
+
+class HttpSettings(ProbeSettings):
+    type: Literal["http"] = "http"
+    url: str
+    method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] = "GET"
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: str | None = None
+    body_json: Any = Field(default=None, alias="json")
+    form: dict[str, str] | None = None
+    expect_status: list[int | str] = Field(default_factory=lambda: ["2xx"], min_length=1)
+    expect_json: dict[str, JsonScalar] = Field(default_factory=dict)
+    expect_body_regex: str | None = None
+    expect_body_not_regex: str | None = None
+    max_body_bytes: int = Field(default=1_048_576, gt=0)
+    follow_redirects: bool = True
+    max_redirects: int = Field(default=10, ge=1, le=50)
+    allow_redirect_to_other_host: bool = False
+    verify_tls: bool = True
+    ca_file: str | None = None
+    fresh_connection: bool = True
+    synthetic_header: str = "X-Synthetic-Canary: 1"
+    channel_map: str | None = None
+    channel_up_values: list[str] = Field(default_factory=lambda: ["active", "healthy", "up", "ok", "true"])
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, url: str) -> str:
+        parsed = URL(url)
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ValueError(f"must be an absolute http:// or https:// URL, got {_url_for_humans(url)!r}")
+        return url
+
+    @field_validator("expect_status")
+    @classmethod
+    def _valid_statuses(cls, statuses: list[int | str]) -> list[int | str]:
+        for status in statuses:
+            if isinstance(status, int) and not 100 <= status <= 599:
+                raise ValueError(f"status {status} is not between 100 and 599")
+            if isinstance(status, str) and not re.fullmatch(r"[1-5]xx", status):
+                raise ValueError(f"{status!r} is neither a status code nor a class such as \"2xx\"")
+        return statuses
+
+    @field_validator("expect_json")
+    @classmethod
+    def _valid_paths(cls, checks: dict[str, JsonScalar]) -> dict[str, JsonScalar]:
+        for path in checks:
+            parse_path(path)
+        return checks
+
+    @field_validator("channel_map")
+    @classmethod
+    def _valid_channel_map(cls, path: str | None) -> str | None:
+        if path is not None:
+            parse_path(path)
+        return path
+
+    @field_validator("expect_body_regex", "expect_body_not_regex")
+    @classmethod
+    def _valid_regex(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return pattern
+
+    @field_validator("synthetic_header")
+    @classmethod
+    def _valid_marker(cls, header: str) -> str:
+        if header and ":" not in header:
+            raise ValueError('must look like "Header-Name: value", or be empty to send no marker')
+        return header
+
+    @model_validator(mode="after")
+    def _one_body(self) -> "HttpSettings":
+        given = [key for key, value in (("body", self.body), ("json", self.body_json), ("form", self.form)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"set at most one of body, json and form (got {', '.join(given)})")
+        return self
+
+    def target(self) -> str:
+        return f"{self.method} {_url_for_humans(self.url)}"
+
+    def secret_values(self) -> list[str]:
+        # Credentials in headers (Authorization, API keys, cookies) are secrets too.
+        secrets = super().secret_values()
+        secrets += [value for name, value in self.headers.items() if _SECRET_HEADER.search(name)]
+        password = URL(self.url).password
+        return secrets + ([password] if password else [])
+
+
+def _url_for_humans(url: str) -> str:
+    """The URL without its password or query string: what is safe to print and bounded enough to show."""
+    try:
+        parsed = URL(url)
+        return str(parsed.with_password(None).with_user(None).with_query(None)) if parsed.host else url
+    except (ValueError, TypeError):
+        return "<invalid URL>"
+
+
+class _OffHostRedirect(Exception):
+    pass
+
+
+class _PhaseRecorder(SimpleNamespace):
+    """Per-run trace state, handed to aiohttp's trace callbacks as the request's trace context."""
+
+    timer: PhaseTimer
+    connect_started: float
+    dns_seconds: float
+    tcp_connected: float
+
+
+class _TimedConnector(aiohttp.TCPConnector):
+    """Marks the moment TCP is up: asyncio builds the protocol right after the socket connects, before TLS."""
+
+    tcp_connected_at = 0.0
+    tls_requested = False
+
+    async def _wrap_create_connection(self, protocol_factory: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        self.tls_requested = bool(kwargs.get("ssl"))
+
+        def timed_factory() -> Any:
+            self.tcp_connected_at = perf_counter()
+            return protocol_factory()
+
+        return await super()._wrap_create_connection(timed_factory, *args, **kwargs)
+
+
+class HttpProbe(Probe[HttpSettings]):
+    settings_model = HttpSettings
+
+    def __init__(self, settings: HttpSettings) -> None:
+        super().__init__(settings)
+        self._session: aiohttp.ClientSession | None = None
+        self._connector: _TimedConnector | None = None
+        self._json_checks = [(path, parse_path(path), expected) for path, expected in settings.expect_json.items()]
+        self._channel_map = parse_path(settings.channel_map) if settings.channel_map else None
+        self._body_regex = re.compile(settings.expect_body_regex) if settings.expect_body_regex else None
+        self._body_not_regex = re.compile(settings.expect_body_not_regex) if settings.expect_body_not_regex else None
+        self._ssl: ssl.SSLContext | bool = self._ssl_context(settings)
+        self._headers = {"User-Agent": f"channel-canary/{__version__}", **settings.headers}
+        if settings.synthetic_header:
+            name, _, value = settings.synthetic_header.partition(":")
+            self._headers[name.strip()] = value.strip()
+        self._url = URL(settings.url)
+
+    @staticmethod
+    def _ssl_context(settings: HttpSettings) -> ssl.SSLContext | bool:
+        if not settings.verify_tls:
+            return False
+        return ssl.create_default_context(cafile=settings.ca_file)
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            fresh = self.settings.fresh_connection
+            self._connector = _TimedConnector(
+                force_close=fresh, use_dns_cache=not fresh, limit=1, ssl=self._ssl, enable_cleanup_closed=False
+            )
+            trace = aiohttp.TraceConfig()
+            trace.on_connection_create_start.append(_on_connect_start)
+            trace.on_dns_resolvehost_start.append(_on_dns_start)
+            trace.on_dns_resolvehost_end.append(_on_dns_end)
+            trace.on_connection_create_end.append(self._on_connect_end)
+            trace.on_connection_reuseconn.append(_on_reuse)
+            trace.on_request_end.append(_on_headers_received)
+            trace.on_request_redirect.append(self._on_redirect)
+            self._session = aiohttp.ClientSession(
+                connector=self._connector,
+                trace_configs=[trace],
+                timeout=aiohttp.ClientTimeout(total=None),  # the runner owns the timeout
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=True,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _on_connect_end(self, session: Any, ctx: Any, params: Any) -> None:
+        recorder: _PhaseRecorder = ctx.trace_request_ctx
+        now = perf_counter()
+        tcp_up = self._connector.tcp_connected_at if self._connector else 0.0
+        timer = recorder.timer
+        if tcp_up > recorder.connect_started:
+            timer.record("connect", tcp_up - recorder.connect_started - recorder.dns_seconds)
+            if self._connector is not None and self._connector.tls_requested:
+                timer.record("tls", now - tcp_up)
+        else:
+            timer.record("connect", now - recorder.connect_started - recorder.dns_seconds)
+        timer.begin("first_byte")
+
+    async def _on_redirect(self, session: Any, ctx: Any, params: Any) -> None:
+        if self.settings.allow_redirect_to_other_host:
+            return
+        location = params.response.headers.get("Location", "")
+        target = params.url.join(URL(location))
+        if target.host and target.host != self._url.host:
+            raise _OffHostRedirect(f"redirected to another host ({target.host}); allow_redirect_to_other_host is off")
+
+    async def run(self, timer: PhaseTimer) -> Result:
+        settings = self.settings
+        session = self._ensure_session()
+        recorder = _PhaseRecorder(timer=timer, connect_started=0.0, dns_seconds=0.0)
+        self._connector.tcp_connected_at = 0.0  # type: ignore[union-attr]
+        timer.begin("first_byte")
+        try:
+            async with session.request(
+                settings.method,
+                self._url,
+                headers=self._headers,
+                data=settings.body if settings.body is not None else settings.form,
+                json=settings.body_json,
+                allow_redirects=settings.follow_redirects,
+                max_redirects=settings.max_redirects,
+                trace_request_ctx=recorder,
+            ) as response:
+                timer.begin("transfer")
+                body, error = await _read_limited(response, settings.max_body_bytes)
+                timer.end("transfer")
+                status, reason_phrase = response.status, response.reason or ""
+        except _OffHostRedirect as exc:
+            return Result.fail("redirect", str(exc))
+        except aiohttp.TooManyRedirects:
+            return Result.fail("redirect", f"more than {settings.max_redirects} redirects")
+        except aiohttp.ClientError as exc:
+            return _client_error_result(exc)
+        if error:
+            return Result.fail("body", error)
+        return self._judge(status, reason_phrase, body)
+
+    def _judge(self, status: int, reason_phrase: str, body: bytes) -> Result:
+        settings = self.settings
+        summary = f"HTTP {status} {reason_phrase}".rstrip()
+        checks: list[Check] = []
+        if not _status_matches(status, settings.expect_status):
+            expected = ", ".join(str(s) for s in settings.expect_status)
+            checks.append(Check(False, f"[STATUS] {status} in ({expected})"))
+            return Result.fail("status", f"{summary}, expected {expected}", checks=tuple(checks))
+        checks.append(Check(True, f"[STATUS] {status}"))
+
+        channels: dict[str, bool] = {}
+        if self._json_checks or self._channel_map:
+            try:
+                document = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                return Result.fail("assertion", f"{summary} but the body is not JSON: {exc}", checks=tuple(checks))
+            for path, steps, expected in self._json_checks:
+                actual = lookup(document, steps)
+                passed = not is_missing(actual) and actual == expected
+                shown = "missing" if is_missing(actual) else json.dumps(actual)[:80]
+                checks.append(Check(passed, f"[JSON] {path} == {json.dumps(expected)} (got {shown})"))
+            if self._channel_map:
+                channels = self._read_channels(document)
+
+        text = body.decode("utf-8", "replace")
+        if self._body_regex is not None:
+            checks.append(Check(bool(self._body_regex.search(text)), f"[BODY] matches /{self._body_regex.pattern}/"))
+        if self._body_not_regex is not None:
+            checks.append(Check(not self._body_not_regex.search(text), f"[BODY] does not match /{self._body_not_regex.pattern}/"))
+
+        failed = [check.text for check in checks if not check.passed]
+        down = sorted(name for name, up in channels.items() if not up)
+        if failed:
+            return Result.fail("assertion", f"{summary}; failed: {'; '.join(failed)}", checks=tuple(checks), channels=channels)
+        note = f"; platform reports down: {', '.join(down)}" if down else ""
+        return Result.ok(f"{summary}, {len(body)} bytes{note}", checks=tuple(checks), channels=channels)
+
+    def _read_channels(self, document: Any) -> dict[str, bool]:
+        mapping = lookup(document, self._channel_map) if self._channel_map else None
+        if not isinstance(mapping, dict):
+            return {}
+        up_values = {value.lower() for value in self.settings.channel_up_values}
+        channels: dict[str, bool] = {}
+        for name, state in list(mapping.items())[:_MAX_CHANNELS]:
+            label = str(name).lower()
+            if _CHANNEL_NAME.match(label):  # a label value must stay bounded and tidy
+                channels[label] = state is True or str(state).lower() in up_values
+        return channels
+
+
+async def _on_connect_start(session: Any, ctx: Any, params: Any) -> None:
+    recorder: _PhaseRecorder = ctx.trace_request_ctx
+    recorder.connect_started = perf_counter()
+    recorder.dns_seconds = 0.0
+    recorder.timer.begin("connect")
+
+
+async def _on_dns_start(session: Any, ctx: Any, params: Any) -> None:
+    ctx.trace_request_ctx.timer.begin("dns")
+
+
+async def _on_dns_end(session: Any, ctx: Any, params: Any) -> None:
+    recorder: _PhaseRecorder = ctx.trace_request_ctx
+    before = recorder.timer.phases.get("dns", 0.0)
+    recorder.timer.end("dns")
+    recorder.dns_seconds += recorder.timer.phases.get("dns", 0.0) - before
+    recorder.timer.current = "connect"
+
+
+async def _on_reuse(session: Any, ctx: Any, params: Any) -> None:
+    ctx.trace_request_ctx.timer.begin("first_byte")
+
+
+async def _on_headers_received(session: Any, ctx: Any, params: Any) -> None:
+    ctx.trace_request_ctx.timer.end("first_byte")
+
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, str]:
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        return b"", f"body of {declared} bytes is larger than max_body_bytes ({limit})"
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > limit:
+                return b"", f"body is larger than max_body_bytes ({limit})"
+            chunks.append(chunk)
+    except aiohttp.ClientPayloadError as exc:
+        return b"", f"body could not be read: {exc}"
+    return b"".join(chunks), ""
+
+
+def _status_matches(status: int, expected: list[int | str]) -> bool:
+    return any(status == want if isinstance(want, int) else str(status)[0] == want[0] for want in expected)
+
+
+def _client_error_result(exc: aiohttp.ClientError) -> Result:
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return Result.fail("tls", f"certificate not accepted: {exc.certificate_error}")
+    if isinstance(exc, (aiohttp.ClientConnectorSSLError, aiohttp.ClientSSLError)):
+        return Result.fail("tls", f"TLS handshake failed: {detail}")
+    dns_error = getattr(aiohttp, "ClientConnectorDNSError", None)
+    if dns_error is not None and isinstance(exc, dns_error):
+        return Result.fail("dns", f"name did not resolve: {detail}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return Result.fail("connect", f"cannot connect: {exc.os_error.strerror or detail}")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return Result.fail("body", f"body could not be read: {detail}")
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+        return Result.fail("connect", f"connection lost: {detail}")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return Result.fail("status", f"malformed answer: {detail}")
+    return Result.fail("connect", f"request failed: {type(exc).__name__}: {detail}")
