@@ -141,12 +141,17 @@ def _validate_probe(
     if type_name is None:
         problems.append(f"{where}.type: required key is missing (one of: {', '.join(sorted(probe_types))})")
         return None
-    if type_name not in probe_types:
+    if not isinstance(type_name, str) or type_name not in probe_types:
         problems.append(f"{where}.type: unknown probe type {type_name!r} (known: {', '.join(sorted(probe_types))})")
         return None
     model = probe_types[type_name].settings_model
-    entry = _resolve_secret_files(entry, model, where, problems)
-    return _validate(model, entry, where, problems)
+    entry, unresolved = _resolve_secret_files(entry, model, where, problems)
+    before = len(problems)
+    settings = _validate(model, entry, where, problems)
+    # A secret whose `*_file` could not be used is reported once, not again as a missing key.
+    missing = {f"{where}.{key}: required key is missing" for key in unresolved}
+    problems[before:] = [problem for problem in problems[before:] if problem not in missing]
+    return settings
 
 
 def _inherit_defaults(
@@ -240,10 +245,15 @@ def _holds_secret(annotation: Any) -> bool:
     return False
 
 
-def _resolve_secret_files(entry: dict[str, Any], model: type[BaseModel], where: str, problems: list[str]) -> dict[str, Any]:
-    """`password_file = "/run/secrets/pg"` stands for `password = <that file's contents>` for any secret key."""
+def _resolve_secret_files(
+    entry: dict[str, Any], model: type[BaseModel], where: str, problems: list[str]
+) -> tuple[dict[str, Any], set[str]]:
+    """`password_file = "/run/secrets/pg"` stands for `password = <that file's contents>` for any secret key.
+
+    Also returns the secret keys whose file was given but could not be used (already reported)."""
     secret_fields = _secret_fields(model)
     resolved = dict(entry)
+    unresolved: set[str] = set()
     for key, value in entry.items():
         base = key.removesuffix("_file")
         if base == key or base not in secret_fields:
@@ -254,19 +264,22 @@ def _resolve_secret_files(entry: dict[str, Any], model: type[BaseModel], where: 
             continue
         if not isinstance(value, str):
             problems.append(f"{where}.{key}: must be a file path string")
+            unresolved.add(base)
             continue
         try:
             resolved[base] = Path(value).read_text(encoding="utf-8").rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as exc:
-            problems.append(f"{where}.{key}: cannot read secret file {value!r}: {getattr(exc, 'strerror', None) or exc}")
-    return resolved
+            # "(reason)", not ": reason": the scrubber reads `secret': No` as a key/value pair and masks the reason.
+            problems.append(f"{where}.{key}: cannot read the file {value!r} ({getattr(exc, 'strerror', None) or exc})")
+            unresolved.add(base)
+    return resolved, unresolved
 
 
 def _raw_secret_values(raw: dict[str, Any], probe_types: Mapping[str, type[Probe]]) -> list[str]:
     """Secrets as written (after expansion), so even a config that fails validation cannot leak them."""
     found: list[str] = []
     for entry in raw.get("probes", []) if isinstance(raw.get("probes"), list) else []:
-        if not isinstance(entry, dict) or entry.get("type") not in probe_types:
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str) or entry["type"] not in probe_types:
             continue
         for field in _secret_fields(probe_types[entry["type"]].settings_model):
             found.extend(_strings(entry.get(field)))

@@ -38,5 +38,9 @@ class PhaseTimer:
         self.begin(name)
         try:
             yield
-        finally:
-            self.end(name)
+        except BaseException:
+            # The run ended inside this phase (timeout, cancel, error): keep it as `current` so the
+            # runner can say where, and still count the time spent in it.
+            self.record(name, perf_counter() - self._started)
+            raise
+        self.end(name)

@@ -33,7 +33,7 @@ async def run_once(probe: Probe, timeout: float, scrub: Scrubber) -> Result:
         during = f" during {timer.current}" if timer.current else ""
         result = Result.fail("timeout", f"no answer within {format_duration(timeout)}{during}")
     except Exception as exc:  # noqa: BLE001 - a probe's bug must fail that probe alone
-        log.warning("probe %s raised %s: %s", probe.settings.name, type(exc).__name__, scrub(str(exc)))
+        log.debug("probe %s raised %s: %s", probe.settings.name, type(exc).__name__, scrub(str(exc)))
         result = Result.fail("internal", f"probe raised {type(exc).__name__}: {exc}")
     duration = perf_counter() - started
     phases = dict(timer.phases)

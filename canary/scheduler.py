@@ -108,9 +108,8 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - a broken listener must not stop this probe's schedule
                 log.exception("recording the result of probe %s failed", settings.name)
             slot += interval
-            behind = loop.time() - slot
-            if behind > 0:
-                missed = int(behind // interval) + 1
+            missed = int((loop.time() - slot) // interval)
+            if missed > 0:  # whole slots passed during the run: skip them, never queue them
                 self._observer.count_skipped(settings.name, missed)
                 slot += missed * interval
 

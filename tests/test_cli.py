@@ -1,0 +1,164 @@
+"""The `probe` command as a user runs it: `--once` and its formats and exit codes, check-config, list."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, free_port, probe_command, write_config
+
+SECRET_PASSWORD = "pw-cli-Secret-77"
+
+
+def probe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        probe_command(*args), capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, **(env or {})}
+    )
+
+
+def set_fault(platform: str, faults: dict) -> None:  # type: ignore[type-arg]
+    request = urllib.request.Request(f"{platform}/_sandbox/faults", data=json.dumps(faults).encode(), method="POST")
+    urllib.request.urlopen(request, timeout=5).close()
+
+
+@pytest.fixture
+def config(tmp_path: Path, sandbox_process: str) -> Path:
+    return write_config(tmp_path, f"""
+        [daemon]
+        timeout = "2s"
+
+        [[probes]]
+        name = "api-health"
+        type = "http"
+        channel = "api"
+        url = "{sandbox_process}/health"
+        expect_json = {{ status = "healthy" }}
+
+        [[probes]]
+        name = "api-health-fast"
+        type = "http"
+        channel = "web_form"
+        url = "{sandbox_process}/health"
+    """)
+
+
+def test_once_passes_with_exit_0_and_a_readable_table(config: Path) -> None:
+    completed = probe("--once", "--config", str(config))
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    lines = completed.stdout.splitlines()
+    assert lines[0].split() == ["PROBE", "TYPE", "CHANNEL", "RESULT", "REASON", "TIME", "MESSAGE"]
+    assert any(line.startswith("api-health ") and " PASS " in line for line in lines)
+    assert "2 probes passed, 0 failed" in completed.stdout
+
+
+def test_once_fails_with_exit_1_naming_the_broken_probe(config: Path, sandbox_process: str) -> None:
+    set_fault(sandbox_process, {"health": "degraded"})
+    completed = probe("--once", "--config", str(config))
+    assert completed.returncode == 1
+    failing = [line for line in completed.stdout.splitlines() if " FAIL " in line]
+    assert len(failing) == 1 and failing[0].startswith("api-health ") and "assertion" in failing[0]
+    assert 'got "degraded"' in failing[0]
+
+
+def test_once_json_shape(config: Path, sandbox_process: str) -> None:
+    set_fault(sandbox_process, {"health": "error"})
+    completed = probe("--once", "--config", str(config), "--format", "json")
+    assert completed.returncode == 1
+    report = json.loads(completed.stdout)
+    assert report["passed"] == 0 and report["failed"] == 2
+    first = report["results"][0]
+    assert {"name", "type", "channel", "success", "reason", "duration_seconds", "message"} <= set(first)
+    assert first["name"] == "api-health" and first["success"] is False and first["reason"] == "status"
+    assert isinstance(first["duration_seconds"], float) and first["duration_seconds"] > 0
+
+
+def test_once_junit_shape(config: Path, sandbox_process: str, tmp_path: Path) -> None:
+    set_fault(sandbox_process, {"health": "degraded"})
+    report_path = tmp_path / "report.xml"
+    completed = probe("--once", "--config", str(config), "--format", "junit", "--output", str(report_path))
+    assert completed.returncode == 1
+    suite = ET.parse(report_path).getroot().find("testsuite")
+    assert suite is not None and suite.get("tests") == "2" and suite.get("failures") == "1"
+    cases = {case.get("name"): case for case in suite.findall("testcase")}
+    assert set(cases) == {"api-health", "api-health-fast"}
+    failure = cases["api-health"].find("failure")
+    assert failure is not None and failure.get("type") == "assertion"
+    assert cases["api-health-fast"].find("failure") is None
+    assert cases["api-health"].get("classname") == "api.http"
+
+
+def test_once_only_selects_by_name_or_channel(config: Path) -> None:
+    by_channel = json.loads(probe("--once", "--config", str(config), "--format", "json", "--only", "web_form").stdout)
+    assert [r["name"] for r in by_channel["results"]] == ["api-health-fast"]
+    by_name = json.loads(probe("--once", "--config", str(config), "--format", "json", "--only", "api-health").stdout)
+    assert [r["name"] for r in by_name["results"]] == ["api-health"]
+    both = json.loads(probe("--once", "--config", str(config), "--format", "json", "--only", "api-health,web_form").stdout)
+    assert len(both["results"]) == 2
+    nothing = probe("--once", "--config", str(config), "--only", "no-such-probe")
+    assert nothing.returncode == 2 and "no probes matching no-such-probe" in nothing.stderr
+
+
+def test_once_hanging_platform_fails_within_the_timeout(config: Path, sandbox_process: str) -> None:
+    set_fault(sandbox_process, {"health": "hang"})
+    completed = probe("--once", "--config", str(config), "--format", "json")
+    assert completed.returncode == 1
+    report = json.loads(completed.stdout)
+    assert {r["reason"] for r in report["results"]} == {"timeout"}
+    assert all(1.9 < r["duration_seconds"] < 3 for r in report["results"])
+
+
+def test_config_errors_exit_2(tmp_path: Path) -> None:
+    path = write_config(tmp_path, """
+        [[probes]]
+        name = "db"
+        type = "postgres"
+        channel = "database"
+        dsn = "postgresql://postgres:${DB_PASSWORD}@127.0.0.1:5432/postgres"
+        intervall = "5s"
+    """)
+    completed = probe("--once", "--config", str(path), env={"DB_PASSWORD": SECRET_PASSWORD})
+    assert completed.returncode == 2
+    assert f"{path}: probes[0].intervall: unknown key" in completed.stderr
+    assert SECRET_PASSWORD not in completed.stderr + completed.stdout
+    missing = probe("--once", "--config", str(tmp_path / "absent.toml"))
+    assert missing.returncode == 2 and "absent.toml: cannot read the file" in missing.stderr
+
+
+def test_secrets_stay_out_of_once_output(tmp_path: Path) -> None:
+    path = write_config(tmp_path, f"""
+        [[probes]]
+        name = "db"
+        type = "postgres"
+        channel = "database"
+        timeout = "2s"
+        dsn = "postgresql://postgres:{SECRET_PASSWORD}@127.0.0.1:{free_port()}/postgres"
+    """)
+    for output_format in ("table", "json", "junit"):
+        completed = probe("--once", "--config", str(path), "--format", output_format)
+        assert completed.returncode == 1
+        assert SECRET_PASSWORD not in completed.stdout + completed.stderr
+
+
+def test_check_config_and_list(config: Path, tmp_path: Path) -> None:
+    checked = probe("check-config", str(config))
+    assert checked.returncode == 0 and "ok, 2 probes" in checked.stdout
+    bad = write_config(tmp_path, "[daemon]\ninterval = 5\n", name="bad.toml")
+    failed = probe("check-config", str(bad))
+    assert failed.returncode == 2 and "daemon.interval" in failed.stderr
+    listed = probe("list", "--config", str(config))
+    assert listed.returncode == 0
+    assert listed.stdout.splitlines()[0].split() == ["NAME", "TYPE", "CHANNEL", "INTERVAL", "TIMEOUT", "TARGET"]
+    assert "GET http://127.0.0.1:" in listed.stdout
+
+
+def test_usage_errors_exit_2() -> None:
+    assert probe().returncode == 2
+    assert probe("--format", "yaml", "--once").returncode == 2
+    assert probe("no-such-command").returncode == 2

@@ -1,0 +1,189 @@
+"""`probe run` as a real subprocess: scraped over HTTP, reloaded with SIGHUP, stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT, Process, free_port, probe_command, wait_for_port, write_config
+
+SECRET_TOKEN = "sekrit-token-0451"
+SECRET_PASSWORD = "pw-Hunter2-xyz"
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def metric_values(base: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    _, text = get(f"{base}/metrics")
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def probe_value(values: dict, name: str, probe: str) -> float | None:  # type: ignore[type-arg]
+    for (sample, labels), value in values.items():
+        if sample == name and ("probe", probe) in labels:
+            return value
+    return None
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def config_text(platform: str, closed_port: int, extra: str = "", include_broken: bool = True) -> str:
+    broken = f"""
+        [[probes]]
+        name = "database"
+        type = "postgres"
+        channel = "database"
+        interval = "1s"
+        timeout = "1s"
+        dsn = "postgresql://postgres:{SECRET_PASSWORD}@127.0.0.1:{closed_port}/postgres"
+    """ if include_broken else ""
+    return f"""
+        [daemon]
+        interval = "1s"
+        timeout = "900ms"
+        jitter = "200ms"
+        shutdown_grace = "2s"
+        labels = {{ environment = "test" }}
+
+        [[probes]]
+        name = "api-health"
+        type = "http"
+        channel = "api"
+        url = "{platform}/health"
+        headers = {{ Authorization = "Bearer {SECRET_TOKEN}" }}
+        expect_json = {{ status = "healthy" }}
+        channel_map = "channels"
+        {broken}
+        {extra}
+    """
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, sandbox_process: str) -> Iterator[tuple[Process, str, Path]]:
+    port = free_port()
+    path = write_config(tmp_path, config_text(sandbox_process, free_port()))
+    process = Process(probe_command("run", "--config", str(path), "--listen", f"127.0.0.1:{port}"), cwd=ROOT)
+    try:
+        wait_for_port(port, process)
+        yield process, f"http://127.0.0.1:{port}", path
+    finally:
+        process.stop()
+
+
+def test_serves_results_health_and_status_page(daemon: tuple[Process, str, Path], sandbox_process: str) -> None:
+    process, base, _ = daemon
+    wait_for(lambda: probe_value(metric_values(base), "canary_probe_success", "database") is not None
+             and probe_value(metric_values(base), "canary_probe_success", "api-health") is not None)
+    values = metric_values(base)
+    assert probe_value(values, "canary_probe_success", "api-health") == 1
+    assert probe_value(values, "canary_probe_success", "database") == 0
+    assert values[("canary_channel_up", frozenset({("channel", "whatsapp"), ("environment", "test")}))] == 1
+    assert values[("canary_config_last_reload_successful", frozenset())] == 1
+    assert get(f"{base}/healthz")[0] == 200
+    assert get(f"{base}/readyz")[0] == 200
+
+    # Switch WhatsApp off on the platform: only that channel goes down.
+    request = urllib.request.Request(
+        f"{sandbox_process}/_sandbox/faults", data=json.dumps({"channels": {"whatsapp": "inactive"}}).encode(), method="POST"
+    )
+    urllib.request.urlopen(request, timeout=5).close()
+    whatsapp = frozenset({("channel", "whatsapp"), ("environment", "test")})
+    email = frozenset({("channel", "email"), ("environment", "test")})
+    wait_for(lambda: metric_values(base).get(("canary_channel_up", whatsapp)) == 0)
+    assert metric_values(base)[("canary_channel_up", email)] == 1
+
+    status, page = get(f"{base}/")
+    assert status == 200 and "api-health" in page and "database" in page
+    _, status_json = get(f"{base}/status.json")
+    assert {p["name"]: p["state"] for p in json.loads(status_json)["probes"]} == {"api-health": "up", "database": "down"}
+
+    # No secret anywhere a person or a scraper can read.
+    _, metrics_text = get(f"{base}/metrics")
+    for text in (metrics_text, page, status_json, process.output()):
+        assert SECRET_TOKEN not in text and SECRET_PASSWORD not in text
+
+    if shutil.which("promtool"):
+        checked = subprocess.run(["promtool", "check", "metrics"], input=metrics_text, capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0 and not (checked.stdout + checked.stderr), checked.stdout + checked.stderr
+
+
+def test_sighup_applies_a_good_config_and_keeps_the_last_good_one_on_a_broken_file(
+    daemon: tuple[Process, str, Path], sandbox_process: str
+) -> None:
+    process, base, path = daemon
+    wait_for(lambda: probe_value(metric_values(base), "canary_probe_success", "database") is not None)
+
+    # A good reload: the database probe goes, a second HTTP probe comes.
+    extra = f"""
+        [[probes]]
+        name = "api-health-2"
+        type = "http"
+        channel = "api"
+        url = "{sandbox_process}/health"
+    """
+    path.write_text(config_text(sandbox_process, free_port(), extra=extra, include_broken=False))
+    process.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: probe_value(metric_values(base), "canary_probe_success", "api-health-2") == 1)
+    values = metric_values(base)
+    assert probe_value(values, "canary_probe_success", "database") is None
+    assert probe_value(values, "canary_probe_runs_total", "database") is None
+
+    # A broken reload: reported, and the previous probes keep running.
+    path.write_text(path.read_text().replace('type = "http"', 'type = "htp"', 1))
+    process.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: metric_values(base)[("canary_config_last_reload_successful", frozenset())] == 0)
+    before = probe_value(metric_values(base), "canary_probe_last_run_timestamp_seconds", "api-health-2")
+    wait_for(lambda: probe_value(metric_values(base), "canary_probe_last_run_timestamp_seconds", "api-health-2") > before)
+    assert probe_value(metric_values(base), "canary_probe_success", "api-health") == 1
+    assert f"{path}: probes[0].type: unknown probe type 'htp'" in process.output()
+    assert get(f"{base}/readyz")[0] == 200
+
+
+def test_sigterm_stops_cleanly_with_exit_code_zero(daemon: tuple[Process, str, Path]) -> None:
+    process, base, _ = daemon
+    wait_for(lambda: probe_value(metric_values(base), "canary_probe_success", "api-health") is not None)
+    started = time.monotonic()
+    process.popen.send_signal(signal.SIGTERM)
+    assert process.popen.wait(timeout=10) == 0
+    assert time.monotonic() - started < 5
+    assert "stopped" in process.output()
+
+
+def test_a_broken_config_at_start_exits_2_naming_the_file_and_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path, """
+        [[probes]]
+        name = "x"
+        type = "http"
+        channel = "api"
+        url = "http://127.0.0.1:1/health"
+        expect_staus = [200]
+    """)
+    completed = subprocess.run(probe_command("run", "--config", str(path)), capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert completed.returncode == 2
+    assert f"{path}: probes[0].expect_staus: unknown key" in completed.stderr

@@ -1,0 +1,194 @@
+"""The exporter: exposition text read back with prometheus-client's parser and checked by promtool, and the
+HTTP endpoints served on a real port."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import Literal
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from canary.result import Gauge, Result
+from canary.state import ResultStore
+from exporter.exposition import ProbeExposition
+from exporter.self_metrics import DaemonMetrics
+from exporter.server import ExporterSources, build_exporter_app
+from probes.base import ProbeSettings
+from tests.conftest import start_app
+
+BUCKETS = (0.1, 0.5, 1.0)
+
+
+class PlainSettings(ProbeSettings):
+    type: Literal["plain"] = "plain"
+
+
+def plain(name: str, channel: str = "web_form", **labels: str) -> PlainSettings:
+    return PlainSettings(name=name, channel=channel, interval="30s", timeout="5s", labels=labels)
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample in the text, keyed by name and label set; raises if the text does not parse."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(parsed: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    return parsed[(name, frozenset(labels.items()))]
+
+
+def build(probes: list[PlainSettings], static: dict[str, str] | None = None) -> tuple[ResultStore, ProbeExposition]:
+    store = ResultStore(BUCKETS, history=10)
+    store.sync(probes, BUCKETS, 10)
+    exposition = ProbeExposition(static or {}, BUCKETS)
+    store.add_listener(exposition.render)
+    return store, exposition
+
+
+def text_of(store: ResultStore, exposition: ProbeExposition) -> str:
+    return exposition.exposition(store.records(), store.channel_states())
+
+
+def test_series_for_passing_and_failing_probes() -> None:
+    store, exposition = build([plain("form"), plain("db", channel="database")], static={"environment": "prod"})
+    store.record("form", Result.ok("fine", duration_seconds=0.3, phases={"connect": 0.01, "first_byte": 0.2}), 1000.0)
+    store.record("form", Result.fail("status", "HTTP 500", duration_seconds=2.0), 1010.0)
+    store.record("db", Result.ok("SELECT 1 ok", duration_seconds=0.05,
+                                 gauges=(Gauge("query_value", 42, "Value.", (("query", "backlog"),)),)), 1005.0)
+    parsed = samples(text_of(store, exposition))
+    form = dict(probe="form", channel="web_form", type="plain", environment="prod")
+    db = dict(probe="db", channel="database", type="plain", environment="prod")
+
+    assert value(parsed, "canary_probe_success", **form) == 0
+    assert value(parsed, "canary_probe_success", **db) == 1
+    assert value(parsed, "canary_probe_duration_seconds", **form) == 2.0
+    assert value(parsed, "canary_probe_last_run_timestamp_seconds", **form) == 1010.0
+    assert value(parsed, "canary_probe_last_success_timestamp_seconds", **form) == 1000.0
+    assert value(parsed, "canary_probe_runs_total", result="success", **form) == 1
+    assert value(parsed, "canary_probe_runs_total", result="failure", **form) == 1
+    assert value(parsed, "canary_probe_failures_total", reason="status", **form) == 1
+    assert value(parsed, "canary_probe_interval_seconds", **form) == 30
+    assert value(parsed, "canary_probe_query_value", query="backlog", **db) == 42
+    # The last run had no phases, so the earlier run's phases are not shown as if they were current.
+    assert ("canary_probe_phase_duration_seconds", frozenset({**form, "phase": "connect"}.items())) not in parsed
+    # Histogram: 0.3 s falls in le=0.5, 2.0 s only in +Inf; buckets are cumulative.
+    assert value(parsed, "canary_probe_latency_seconds_bucket", le="0.1", **form) == 0
+    assert value(parsed, "canary_probe_latency_seconds_bucket", le="0.5", **form) == 1
+    assert value(parsed, "canary_probe_latency_seconds_bucket", le="1.0", **form) == 1
+    assert value(parsed, "canary_probe_latency_seconds_bucket", le="+Inf", **form) == 2
+    assert value(parsed, "canary_probe_latency_seconds_count", **form) == 2
+    assert value(parsed, "canary_probe_latency_seconds_sum", **form) == pytest.approx(2.3)
+    assert value(parsed, "canary_channel_up", channel="web_form", environment="prod") == 0
+    assert value(parsed, "canary_channel_up", channel="database", environment="prod") == 1
+
+
+def test_phases_of_the_last_run_are_exported() -> None:
+    store, exposition = build([plain("form")])
+    store.record("form", Result.ok(phases={"connect": 0.01, "tls": 0.02}), 1.0)
+    parsed = samples(text_of(store, exposition))
+    labels = dict(probe="form", channel="web_form", type="plain")
+    assert value(parsed, "canary_probe_phase_duration_seconds", phase="connect", **labels) == 0.01
+    assert value(parsed, "canary_probe_phase_duration_seconds", phase="tls", **labels) == 0.02
+
+
+def test_reported_channels_feed_channel_up() -> None:
+    store, exposition = build([plain("health", channel="api")])
+    store.record("health", Result.ok(channels={"email": True, "whatsapp": False}), 1.0)
+    parsed = samples(text_of(store, exposition))
+    assert value(parsed, "canary_channel_up", channel="api") == 1
+    assert value(parsed, "canary_channel_up", channel="email") == 1
+    assert value(parsed, "canary_channel_up", channel="whatsapp") == 0
+
+
+def test_a_probe_that_never_ran_has_no_success_series_and_no_channel_state() -> None:
+    store, exposition = build([plain("waiting")])
+    text = text_of(store, exposition)
+    assert "canary_probe_success" not in text
+    assert "canary_channel_up" not in text
+    parsed = samples(text)
+    assert value(parsed, "canary_probe_runs_total", result="success", probe="waiting", channel="web_form", type="plain") == 0
+
+
+def test_a_removed_probe_disappears_on_the_next_scrape() -> None:
+    store, exposition = build([plain("stays"), plain("goes")])
+    store.record("stays", Result.ok(), 1.0)
+    store.record("goes", Result.fail("timeout", "slow"), 1.0)
+    assert 'probe="goes"' in text_of(store, exposition)
+    store.sync([plain("stays")], BUCKETS, 10)
+    text = text_of(store, exposition)
+    assert 'probe="goes"' not in text
+    assert 'probe="stays"' in text
+
+
+def test_a_cached_render_is_refreshed_when_the_record_changes() -> None:
+    store, exposition = build([plain("form")])
+    store.record("form", Result.ok(), 1.0)
+    first = text_of(store, exposition)
+    store.record("form", Result.fail("status", "500"), 2.0)
+    second = text_of(store, exposition)
+    assert first != second
+    assert value(samples(second), "canary_probe_success", probe="form", channel="web_form", type="plain") == 0
+
+
+def test_label_values_are_escaped() -> None:
+    store, exposition = build([plain("form", team='a "quoted"\\ team\nname')])
+    store.record("form", Result.ok(), 1.0)
+    parsed = samples(text_of(store, exposition))
+    assert value(parsed, "canary_probe_success", probe="form", channel="web_form", type="plain",
+                 team='a "quoted"\\ team\nname') == 1
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package 'prometheus')")
+def test_promtool_finds_nothing_to_complain_about() -> None:
+    store, exposition = build([plain("form"), plain("db", channel="database")], static={"environment": "prod"})
+    store.record("form", Result.ok(phases={"connect": 0.01}, channels={"whatsapp": False},
+                                   gauges=(Gauge("postgres_connections", 3, "Connections."),)), 1.0)
+    store.record("db", Result.fail("auth", "refused"), 1.0)
+    metrics = DaemonMetrics()
+    metrics.config_loaded(True, 2)
+    metrics.observe_lateness(0.002)
+    text = metrics.exposition() + text_of(store, exposition)
+    checked = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0 and checked.stdout + checked.stderr == "", checked.stdout + checked.stderr
+
+
+async def test_http_endpoints() -> None:
+    store, exposition = build([plain("form")])
+    store.record("form", Result.fail("assertion", "<script>alert(1)</script> body mismatch"), 1.0)
+    ready = {"value": False}
+    metrics = DaemonMetrics()
+    runner, url = await start_app(build_exporter_app(ExporterSources(store, exposition, metrics, lambda: ready["value"])))
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            async with session.get(f"{url}/metrics") as response:
+                assert response.status == 200
+                assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+                parsed = samples(await response.text())
+                assert value(parsed, "canary_probe_success", probe="form", channel="web_form", type="plain") == 0
+                assert ("canary_build_info", frozenset()) not in parsed  # build info carries its labels
+                assert any(name == "canary_build_info" for name, _ in parsed)
+            async with session.get(f"{url}/healthz") as response:
+                assert response.status == 200
+            async with session.get(f"{url}/readyz") as response:
+                assert response.status == 503
+            ready["value"] = True
+            async with session.get(f"{url}/readyz") as response:
+                assert response.status == 200
+            async with session.get(f"{url}/") as response:
+                page = await response.text()
+                assert response.status == 200 and "text/html" in response.headers["Content-Type"]
+                assert "<script>alert(1)</script>" not in page
+                assert "&lt;script&gt;" in page and "DOWN" in page
+            async with session.get(f"{url}/status.json") as response:
+                status = await response.json()
+                assert status["probes"][0]["name"] == "form"
+                assert status["probes"][0]["state"] == "down"
+                assert status["channels"] == {"web_form": False}
+    finally:
+        await runner.cleanup()

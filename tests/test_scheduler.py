@@ -1,0 +1,175 @@
+"""The scheduler with real asyncio timing: misbehaving probes fail alone, runs never overlap, reloads and stops."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import ClassVar, Literal
+
+import pytest
+
+from canary.phases import PhaseTimer
+from canary.result import Result
+from canary.scheduler import Scheduler, stable_offset
+from canary.scrub import Scrubber
+from canary.state import ResultStore
+from probes.base import Probe, ProbeSettings
+from tests.conftest import wait_until
+
+
+class BehaviourSettings(ProbeSettings):
+    type: Literal["behaviour"] = "behaviour"
+    behaviour: Literal["ok", "hang", "raise", "garbage", "slow"] = "ok"
+    sleep: float = 0.0
+
+
+class BehaviourProbe(Probe[BehaviourSettings]):
+    """A probe whose misbehaviour is chosen by its settings; it records what happened to it."""
+
+    settings_model = BehaviourSettings
+    events: ClassVar[list[tuple[str, str]]] = []
+    concurrent: ClassVar[dict[str, int]] = {}
+    max_concurrent: ClassVar[dict[str, int]] = {}
+
+    async def run(self, timer: PhaseTimer) -> Result:
+        name = self.settings.name
+        self.concurrent[name] = self.concurrent.get(name, 0) + 1
+        self.max_concurrent[name] = max(self.max_concurrent.get(name, 0), self.concurrent[name])
+        try:
+            behaviour = self.settings.behaviour
+            if behaviour == "hang":
+                with timer.phase("waiting"):
+                    await asyncio.sleep(60)
+            if behaviour == "raise":
+                raise RuntimeError("probe bug with password=hunter2")
+            if behaviour == "garbage":
+                return "not a result"  # type: ignore[return-value]
+            if self.settings.sleep:
+                await asyncio.sleep(self.settings.sleep)
+            self.events.append((name, "finished"))
+            return Result.ok("fine")
+        except asyncio.CancelledError:
+            self.events.append((name, "cancelled"))
+            raise
+        finally:
+            self.concurrent[name] -= 1
+
+    async def close(self) -> None:
+        self.events.append((self.settings.name, "closed"))
+
+
+def settings(name: str, behaviour: str = "ok", interval: float = 0.2, timeout: float = 0.1, sleep: float = 0.0) -> BehaviourSettings:
+    return BehaviourSettings(name=name, channel="test", behaviour=behaviour, interval=f"{interval * 1000:.0f}ms",
+                             timeout=f"{timeout * 1000:.0f}ms", sleep=sleep)
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.lateness: list[float] = []
+        self.skipped = 0
+
+    def observe_lateness(self, seconds: float) -> None:
+        self.lateness.append(seconds)
+
+    def count_skipped(self, name: str, slots: int) -> None:
+        self.skipped += slots
+
+
+@pytest.fixture(autouse=True)
+def _reset_events() -> None:
+    BehaviourProbe.events.clear()
+    BehaviourProbe.concurrent.clear()
+    BehaviourProbe.max_concurrent.clear()
+
+
+async def start(probes: list[BehaviourSettings], jitter: float = 0.05) -> tuple[Scheduler, ResultStore, Observer]:
+    store = ResultStore((0.1, 1.0), history=50)
+    store.sync(probes, (0.1, 1.0), 50)
+    observer = Observer()
+    scheduler = Scheduler(store, BehaviourProbe, observer)
+    await scheduler.apply(tuple(probes), jitter, Scrubber())
+    return scheduler, store, observer
+
+
+async def test_misbehaving_probes_fail_alone_while_a_good_one_stays_on_time() -> None:
+    probes = [settings("good"), settings("hang", "hang"), settings("raise", "raise"), settings("garbage", "garbage")]
+    scheduler, store, observer = await start(probes)
+    try:
+        await asyncio.sleep(1.25)
+    finally:
+        await scheduler.stop(grace=0.5)
+
+    good = store.get("good")
+    assert good is not None and good.latest is not None and good.latest.success
+    assert 5 <= good.runs["success"] <= 7  # 1.25 s at 0.2 s intervals, whatever the others did
+    hang, raised, garbage = store.get("hang"), store.get("raise"), store.get("garbage")
+    assert hang.latest.reason == "timeout" and "during waiting" in hang.latest.message
+    assert raised.latest.reason == "internal" and "RuntimeError" in raised.latest.message
+    assert "hunter2" not in raised.latest.message  # scrubbed even inside an exception's text
+    assert garbage.latest.reason == "internal" and "str" in garbage.latest.message
+    assert max(observer.lateness) < 0.05
+
+
+async def test_a_probe_never_overlaps_itself() -> None:
+    scheduler, store, observer = await start([settings("slow", interval=0.1, timeout=0.1, sleep=0.08)])
+    try:
+        await asyncio.sleep(0.8)
+    finally:
+        await scheduler.stop(grace=0.5)
+    assert BehaviourProbe.max_concurrent["slow"] == 1
+    assert store.get("slow").runs["success"] >= 5
+
+
+async def test_a_run_overrunning_its_interval_skips_the_missed_slots_instead_of_queueing() -> None:
+    # Each run hangs until its 0.1 s timeout; with a 0.1 s interval the next slot is always just missed.
+    scheduler, store, observer = await start([settings("hang", "hang", interval=0.1, timeout=0.1)])
+    try:
+        await asyncio.sleep(0.75)
+    finally:
+        await scheduler.stop(grace=0.0)
+    record = store.get("hang")
+    assert record.runs["failure"] <= 8
+    assert BehaviourProbe.max_concurrent["hang"] == 1
+
+
+def test_stable_offset_is_stable_in_range_and_spread() -> None:
+    offsets = [stable_offset(f"probe-{i}", 10.0) for i in range(1000)]
+    assert offsets == [stable_offset(f"probe-{i}", 10.0) for i in range(1000)]
+    assert all(0 <= offset < 10.0 for offset in offsets)
+    # Spread over the window: every tenth of it holds some probes.
+    assert {int(offset) for offset in offsets} == set(range(10))
+
+
+async def test_apply_keeps_unchanged_probes_restarts_changed_and_stops_removed() -> None:
+    scheduler, store, _ = await start([settings("keep"), settings("change"), settings("remove")])
+    try:
+        await wait_until(lambda: all(store.get(n).latest for n in ("keep", "change", "remove")), timeout=3)
+        keep_runs = store.get("keep").runs["success"]
+        new = (settings("keep"), settings("change", sleep=0.01), settings("added"))
+        store.sync(new, (0.1, 1.0), 50)
+        await scheduler.apply(new, 0.05, Scrubber())
+        assert sorted(scheduler.probe_names) == ["added", "change", "keep"]
+        assert ("remove", "closed") in BehaviourProbe.events
+        assert ("change", "closed") in BehaviourProbe.events
+        assert ("keep", "closed") not in BehaviourProbe.events
+        assert store.get("keep").runs["success"] >= keep_runs  # totals survive a reload
+        assert store.get("remove") is None
+        await wait_until(lambda: store.get("added").latest is not None, timeout=3)
+    finally:
+        await scheduler.stop(grace=0.5)
+
+
+async def test_stop_lets_runs_in_flight_finish_within_the_grace_then_cancels() -> None:
+    scheduler, store, _ = await start(
+        [settings("quick-finish", sleep=0.3, interval=1.0, timeout=1.0),
+         settings("too-slow", sleep=0.9, interval=1.0, timeout=1.0)],
+        jitter=0.001,
+    )
+    await asyncio.sleep(0.1)  # both are now mid-run
+    started = time.monotonic()
+    await scheduler.stop(grace=0.5)
+    assert time.monotonic() - started < 0.8
+    assert ("quick-finish", "finished") in BehaviourProbe.events
+    assert ("too-slow", "cancelled") in BehaviourProbe.events
+    assert store.get("quick-finish").latest.success
+    assert {name for name, event in BehaviourProbe.events if event == "closed"} == {"quick-finish", "too-slow"}
