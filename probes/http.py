@@ -21,6 +21,7 @@ from yarl import URL
 from canary import __version__
 from canary.phases import PhaseTimer
 from canary.result import Check, Result
+from canary.scrub import Scrubber
 from probes.base import Probe, ProbeSettings
 from probes.jsonpath import is_missing, lookup, parse_path
 
@@ -175,6 +176,7 @@ class HttpProbe(Probe[HttpSettings]):
             name, _, value = settings.synthetic_header.partition(":")
             self._headers[name.strip()] = value.strip()
         self._url = URL(settings.url)
+        self._scrub = Scrubber(settings.secret_values())  # before a shown value is cut, or a cut secret slips past
 
     @staticmethod
     def _ssl_context(settings: HttpSettings) -> ssl.SSLContext | bool:
@@ -244,7 +246,7 @@ class HttpProbe(Probe[HttpSettings]):
                 data=settings.body if settings.body is not None else settings.form,
                 json=settings.body_json,
                 allow_redirects=settings.follow_redirects,
-                max_redirects=settings.max_redirects,
+                max_redirects=settings.max_redirects + 1,  # aiohttp refuses the redirect that reaches its limit
                 trace_request_ctx=recorder,
             ) as response:
                 timer.begin("transfer")
@@ -279,8 +281,9 @@ class HttpProbe(Probe[HttpSettings]):
                 return Result.fail("assertion", f"{summary} but the body is not JSON: {exc}", checks=tuple(checks))
             for path, steps, expected in self._json_checks:
                 actual = lookup(document, steps)
-                passed = not is_missing(actual) and actual == expected
-                shown = "missing" if is_missing(actual) else json.dumps(actual)[:80]
+                # JSON true is not 1: Python's True == 1 must not pass a check
+                passed = not is_missing(actual) and isinstance(actual, bool) == isinstance(expected, bool) and actual == expected
+                shown = "missing" if is_missing(actual) else self._scrub(json.dumps(actual))[:80]
                 checks.append(Check(passed, f"[JSON] {path} == {json.dumps(expected)} (got {shown})"))
             if self._channel_map:
                 channels = self._read_channels(document)
@@ -340,7 +343,7 @@ async def _on_headers_received(session: Any, ctx: Any, params: Any) -> None:
 
 async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, str]:
     declared = response.content_length
-    if declared is not None and declared > limit:
+    if declared is not None and declared > limit and response.method != "HEAD":  # HEAD declares a body it never sends
         return b"", f"body of {declared} bytes is larger than max_body_bytes ({limit})"
     chunks: list[bytes] = []
     size = 0
