@@ -21,6 +21,13 @@ REASONS: dict[str, str] = {
     "auth": "credentials were refused",
     "query": "a database query failed",
     "threshold": "a measured figure crossed its configured limit",
+    "expiry": "a credential, watch or certificate expires sooner than allowed",
+    "invalid_grant": "an OAuth refresh token was revoked or expired (the provider answered invalid_grant)",
+    "rate_limited": "the provider refused for rate limiting (429) or headroom fell below the configured floor",
+    "model_missing": "the configured model is not served by the provider",
+    "slow": "the answer came, but slower than the configured limit",
+    "insecure": "the platform accepted a request it must refuse (e.g. a forged webhook signature)",
+    "cleanup": "the checks passed but cleaning up the synthetic data failed",
     "internal": "the probe itself failed (a bug, or a result it could not produce)",
 }
 

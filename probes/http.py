@@ -250,7 +250,7 @@ class HttpProbe(Probe[HttpSettings]):
                 trace_request_ctx=recorder,
             ) as response:
                 timer.begin("transfer")
-                body, error = await _read_limited(response, settings.max_body_bytes)
+                body, error = await read_limited(response, settings.max_body_bytes)
                 timer.end("transfer")
                 status, reason_phrase = response.status, response.reason or ""
         except _OffHostRedirect as exc:
@@ -258,7 +258,7 @@ class HttpProbe(Probe[HttpSettings]):
         except aiohttp.TooManyRedirects:
             return Result.fail("redirect", f"more than {settings.max_redirects} redirects")
         except aiohttp.ClientError as exc:
-            return _client_error_result(exc)
+            return client_error_result(exc)
         if error:
             return Result.fail("body", error)
         return self._judge(status, reason_phrase, body)
@@ -341,7 +341,7 @@ async def _on_headers_received(session: Any, ctx: Any, params: Any) -> None:
     ctx.trace_request_ctx.timer.end("first_byte")
 
 
-async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, str]:
+async def read_limited(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, str]:
     declared = response.content_length
     if declared is not None and declared > limit and response.method != "HEAD":  # HEAD declares a body it never sends
         return b"", f"body of {declared} bytes is larger than max_body_bytes ({limit})"
@@ -362,7 +362,7 @@ def _status_matches(status: int, expected: list[int | str]) -> bool:
     return any(status == want if isinstance(want, int) else str(status)[0] == want[0] for want in expected)
 
 
-def _client_error_result(exc: aiohttp.ClientError) -> Result:
+def client_error_result(exc: aiohttp.ClientError) -> Result:
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return Result.fail("tls", f"certificate not accepted: {exc.certificate_error}")
