@@ -140,7 +140,7 @@ class PostgresProbe(Probe[PostgresSettings]):
     async def _run_queries(self, connection: asyncpg.Connection) -> list[float] | Result:
         """Every user query runs in one READ ONLY transaction under a statement timeout: a canary never writes."""
         values: list[float] = []
-        timeout_ms = int(self.settings.statement_timeout * 1000)
+        timeout_ms = max(1, round(self.settings.statement_timeout * 1000))  # 0 would mean "no limit"
         async with connection.transaction(readonly=True):
             await connection.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
             for query in self.settings.queries:
