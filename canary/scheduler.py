@@ -20,6 +20,8 @@ from canary.state import ResultStore
 from probes.base import Probe, ProbeSettings
 
 log = logging.getLogger("canary.scheduler")
+# A slot missed by less than this when a probe starts is run at once (late), not pushed a whole interval on.
+JOIN_TOLERANCE = 0.5
 
 
 class SchedulerObserver(Protocol):
@@ -51,7 +53,7 @@ class Scheduler:
         self._build_probe = build_probe
         self._observer = observer
         self._loop = asyncio.get_running_loop()
-        self._epoch = self._loop.time()
+        self._epoch: float | None = None  # set when the first probes start, so their first slots are now
         self._running: dict[str, _Running] = {}
         self._scrub = Scrubber()
         self._jitter = 0.0
@@ -72,15 +74,13 @@ class Scheduler:
             if jitter_changed or wanted.get(name) != running.settings
         ]
         await self._stop_tasks([self._running.pop(name) for name in stale], grace=0.0)
-        for name, settings in wanted.items():
-            if name not in self._running:
-                self._start(settings)
-
-    def _start(self, settings: ProbeSettings) -> None:
-        probe = self._build_probe(settings)
-        running = _Running(settings, probe, task=None)  # type: ignore[arg-type]
-        running.task = self._loop.create_task(self._loop_probe(running), name=f"probe:{settings.name}")
-        self._running[settings.name] = running
+        built = [(settings, self._build_probe(settings)) for name, settings in wanted.items() if name not in self._running]
+        if self._epoch is None:
+            self._epoch = self._loop.time()
+        for settings, probe in built:
+            running = _Running(settings, probe, task=None)  # type: ignore[arg-type]
+            running.task = self._loop.create_task(self._loop_probe(running), name=f"probe:{settings.name}")
+            self._running[settings.name] = running
 
     async def _loop_probe(self, running: _Running) -> None:
         settings = running.settings
@@ -88,8 +88,8 @@ class Scheduler:
         timeout = settings.timeout or interval
         loop = self._loop
         now = loop.time()
-        slot = self._epoch + stable_offset(settings.name, min(self._jitter, interval))
-        if slot < now:  # started by a reload: join the grid at the next free slot
+        slot = (self._epoch or now) + stable_offset(settings.name, min(self._jitter, interval))
+        if slot < now - JOIN_TOLERANCE:  # started by a reload: join the grid at the next free slot
             slot += ((now - slot) // interval + 1) * interval
         while not self._stopping:
             delay = slot - loop.time()

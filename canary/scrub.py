@@ -9,9 +9,10 @@ from typing import Iterable
 MASK = "***"
 # user:password@ in any URL or DSN, even ones we were never told about.
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*):[^@\s/]*@")
-# key=value / key: value pairs whose key names a secret (query strings, DSN parameters, headers).
+# key=value / key: value pairs whose key names a secret (query strings, DSN parameters, headers); not config
+# key paths such as `probes[0].api_key: must be …`, whose words after the colon are an error, not a value.
 _SECRET_PAIR = re.compile(
-    r"(?P<key>(?:password|passwd|pwd|secret|token|api[_-]?key|authorization|auth_token|access_token|refresh_token)"
+    r"(?<![\w.])(?P<key>(?:password|passwd|pwd|secret|token|api[_-]?key|authorization|auth_token|access_token|refresh_token)"
     r"[\"']?\s*[=:]\s*[\"']?)(?P<value>(?:Bearer\s+|Basic\s+)?[^\s&\"',;}]+)",
     re.IGNORECASE,
 )

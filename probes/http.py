@@ -12,10 +12,10 @@ import re
 import ssl
 from time import perf_counter
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import aiohttp
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 from yarl import URL
 
 from canary import __version__
@@ -26,9 +26,22 @@ from probes.base import Probe, ProbeSettings
 from probes.jsonpath import is_missing, lookup, parse_path
 
 JsonScalar = str | int | float | bool | None
-_SECRET_HEADER = re.compile(r"auth|token|key|secret|cookie|signature|session|password", re.IGNORECASE)
+SECRET_HEADER = re.compile(r"auth|token|key|secret|cookie|signature|session|password", re.IGNORECASE)
 _CHANNEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _MAX_CHANNELS = 32
+
+
+def _check_statuses(statuses: list[int | str]) -> list[int | str]:
+    for status in statuses:
+        if isinstance(status, int) and not 100 <= status <= 599:
+            raise ValueError(f"status {status} is not between 100 and 599")
+        if isinstance(status, str) and not re.fullmatch(r"[1-5]xx", status):
+            raise ValueError(f"{status!r} is neither a status code nor a class such as \"2xx\"")
+    return statuses
+
+
+ExpectedStatuses = Annotated[list[int | str], Field(min_length=1), AfterValidator(_check_statuses)]
+"""Status codes (200) and classes ("2xx") an answer may have."""
 
 
 class HttpSettings(ProbeSettings):
@@ -39,7 +52,7 @@ class HttpSettings(ProbeSettings):
     body: str | None = None
     body_json: Any = Field(default=None, alias="json")
     form: dict[str, str] | None = None
-    expect_status: list[int | str] = Field(default_factory=lambda: ["2xx"], min_length=1)
+    expect_status: ExpectedStatuses = Field(default_factory=lambda: ["2xx"])
     expect_json: dict[str, JsonScalar] = Field(default_factory=dict)
     expect_body_regex: str | None = None
     expect_body_not_regex: str | None = None
@@ -59,18 +72,8 @@ class HttpSettings(ProbeSettings):
     def _valid_url(cls, url: str) -> str:
         parsed = URL(url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise ValueError(f"must be an absolute http:// or https:// URL, got {_url_for_humans(url)!r}")
+            raise ValueError(f"must be an absolute http:// or https:// URL, got {url_for_humans(url)!r}")
         return url
-
-    @field_validator("expect_status")
-    @classmethod
-    def _valid_statuses(cls, statuses: list[int | str]) -> list[int | str]:
-        for status in statuses:
-            if isinstance(status, int) and not 100 <= status <= 599:
-                raise ValueError(f"status {status} is not between 100 and 599")
-            if isinstance(status, str) and not re.fullmatch(r"[1-5]xx", status):
-                raise ValueError(f"{status!r} is neither a status code nor a class such as \"2xx\"")
-        return statuses
 
     @field_validator("expect_json")
     @classmethod
@@ -111,17 +114,17 @@ class HttpSettings(ProbeSettings):
         return self
 
     def target(self) -> str:
-        return f"{self.method} {_url_for_humans(self.url)}"
+        return f"{self.method} {url_for_humans(self.url)}"
 
     def secret_values(self) -> list[str]:
         # Credentials in headers (Authorization, API keys, cookies) are secrets too.
         secrets = super().secret_values()
-        secrets += [value for name, value in self.headers.items() if _SECRET_HEADER.search(name)]
+        secrets += [value for name, value in self.headers.items() if SECRET_HEADER.search(name)]
         password = URL(self.url).password
         return secrets + ([password] if password else [])
 
 
-def _url_for_humans(url: str) -> str:
+def url_for_humans(url: str) -> str:
     """The URL without its password or query string: what is safe to print and bounded enough to show."""
     try:
         parsed = URL(url)
@@ -267,7 +270,7 @@ class HttpProbe(Probe[HttpSettings]):
         settings = self.settings
         summary = f"HTTP {status} {reason_phrase}".rstrip()
         checks: list[Check] = []
-        if not _status_matches(status, settings.expect_status):
+        if not status_matches(status, settings.expect_status):
             expected = ", ".join(str(s) for s in settings.expect_status)
             checks.append(Check(False, f"[STATUS] {status} in ({expected})"))
             return Result.fail("status", f"{summary}, expected {expected}", checks=tuple(checks))
@@ -358,7 +361,7 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int) -> tuple[by
     return b"".join(chunks), ""
 
 
-def _status_matches(status: int, expected: list[int | str]) -> bool:
+def status_matches(status: int, expected: list[int | str]) -> bool:
     return any(status == want if isinstance(want, int) else str(status)[0] == want[0] for want in expected)
 
 

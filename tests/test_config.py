@@ -13,6 +13,8 @@ from probes import PROBE_TYPES
 from probes.http import HttpSettings
 from probes.postgres import PostgresSettings
 
+KNOWN = ", ".join(sorted(PROBE_TYPES))
+
 HTTP_PROBE = """
 [[probes]]
 name = "api"
@@ -273,17 +275,17 @@ BAD_CONFIGS = [
     ),
     pytest.param(
         HTTP_PROBE.replace('type = "http"', 'type = "smtp"'),
-        ["probes[0].type: unknown probe type 'smtp' (known: http, postgres)"],
+        [f"probes[0].type: unknown probe type 'smtp' (known: {KNOWN})"],
         id="unknown-probe-type",
     ),
     pytest.param(
         HTTP_PROBE.replace('type = "http"', 'type = ["http"]'),
-        ["probes[0].type: unknown probe type ['http'] (known: http, postgres)"],
+        [f"probes[0].type: unknown probe type ['http'] (known: {KNOWN})"],
         id="probe-type-not-a-string",
     ),
     pytest.param(
         HTTP_PROBE.replace('type = "http"', ""),
-        ["probes[0].type: required key is missing (one of: http, postgres)"],
+        [f"probes[0].type: required key is missing (one of: {KNOWN})"],
         id="missing-probe-type",
     ),
     pytest.param(
@@ -409,7 +411,7 @@ BAD_CONFIGS = [
         "[daemon]\ninterval = 30\n" + HTTP_PROBE.replace('type = "http"', 'type = "smtp"') + PG_PROBE + "bogus = 1\n",
         [
             'daemon.interval: expected a duration string such as "30s" or "2m", got int',
-            "probes[0].type: unknown probe type 'smtp' (known: http, postgres)",
+            f"probes[0].type: unknown probe type 'smtp' (known: {KNOWN})",
             "probes[1].bogus: unknown key",
         ],
         id="several-problems-at-once",
@@ -528,7 +530,8 @@ def test_shipped_config_loads_with_an_empty_environment() -> None:
     config = load(ROOT / "config.toml", {})
     assert config.daemon.listen == "127.0.0.1:9465"
     assert config.daemon.labels == {"environment": "dev"}
-    api, database = config.probes
+    by_name = {probe.name: probe for probe in config.probes}
+    api, database = by_name["api-health"], by_name["database"]
     assert isinstance(api, HttpSettings) and isinstance(database, PostgresSettings)
     assert (api.name, api.channel, api.url) == ("api-health", "api", "http://127.0.0.1:8000/health")
     assert (api.interval, api.timeout) == (15.0, 5.0)
@@ -547,7 +550,8 @@ def test_shipped_config_uses_platform_and_database_urls() -> None:
         "CANARY_LISTEN": "0.0.0.0:9465",
     }
     config = load(ROOT / "config.toml", environ)
-    api, database = config.probes
+    by_name = {probe.name: probe for probe in config.probes}
+    api, database = by_name["api-health"], by_name["database"]
     assert isinstance(api, HttpSettings) and isinstance(database, PostgresSettings)
     assert api.url == "https://support.example.com/health"
     assert database.dsn.get_secret_value() == "postgresql://canary:db-pw-98765@db.example.com:5432/support"

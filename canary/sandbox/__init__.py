@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from canary.sandbox import platform
+from canary.sandbox import gmail, llm, platform, twilio_api, whatsapp
 from canary.sandbox.faults import FAULTS, FaultBoard
 
-COMPONENTS = (platform,)
+COMPONENTS = (platform, whatsapp, twilio_api, llm, gmail)
 
 
 def build_sandbox_app() -> web.Application:

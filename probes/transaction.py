@@ -1,0 +1,312 @@
+"""`transaction` probe: ordered HTTP steps that carry values from one answer into the next request, may poll until
+a condition holds, and always clean up after themselves.
+
+The shipped web-form canary: submit a synthetic ticket → poll it until the AI agent has replied (the 15 s
+promise) → delete it. Cleanup steps run after a failure, after a timeout and when the daemon stops mid-run, so
+a canary never leaves a ticket behind; a failed cleanup is reported on its own (reason `cleanup`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import time
+from typing import Any, Literal
+from urllib.parse import quote
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from yarl import URL
+
+from canary import __version__
+from canary.durations import format_duration
+from canary.phases import PhaseTimer
+from canary.result import Check, Result
+from probes.base import Duration, Probe, ProbeSettings
+from probes.conditions import Condition, parse_condition
+from probes.http import SECRET_HEADER, ExpectedStatuses, client_error_result, read_limited, status_matches
+from probes.jsonpath import is_missing, lookup, parse_path
+
+log = logging.getLogger("probes.transaction")
+_VARIABLE = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+BUILTIN_VARIABLES = ("run_id", "timestamp")
+
+
+class Poll(BaseModel):
+    """Repeat the step every `every` until its checks pass, for at most `within` (the SLA being measured)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    every: Duration = 1.0
+    within: Duration
+
+
+class Step(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"] = "GET"
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: str | None = None
+    body_json: Any = Field(default=None, alias="json")
+    form: dict[str, str] | None = None
+    expect_status: ExpectedStatuses = Field(default_factory=lambda: ["2xx"])
+    expect: list[str] = Field(default_factory=list)
+    extract: dict[str, str] = Field(default_factory=dict)
+    poll: Poll | None = None
+    max_body_bytes: int = Field(default=1_048_576, gt=0)
+
+    @field_validator("expect")
+    @classmethod
+    def _valid_conditions(cls, conditions: list[str]) -> list[str]:
+        for condition in conditions:
+            parse_condition(condition)
+        return conditions
+
+    @field_validator("extract")
+    @classmethod
+    def _valid_extract(cls, extract: dict[str, str]) -> dict[str, str]:
+        for variable, path in extract.items():
+            if not re.fullmatch(r"[a-z_][a-z0-9_]*", variable):
+                raise ValueError(f"variable name {variable!r} must be lower-case letters, digits and _")
+            if variable in BUILTIN_VARIABLES:
+                raise ValueError(f"variable name {variable!r} is built in")
+            parse_path(path)
+        return extract
+
+    @model_validator(mode="after")
+    def _one_body(self) -> "Step":
+        given = [k for k, v in (("body", self.body), ("json", self.body_json), ("form", self.form)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"set at most one of body, json and form (got {', '.join(given)})")
+        return self
+
+    def variables_used(self) -> set[str]:
+        return set(_VARIABLE.findall(json.dumps([self.url, self.headers, self.body, self.body_json, self.form])))
+
+
+class TransactionSettings(ProbeSettings):
+    type: Literal["transaction"] = "transaction"
+    base_url: str = ""
+    headers: dict[str, str] = Field(default_factory=dict)
+    synthetic_header: str = "X-Synthetic-Canary: 1"
+    verify_tls: bool = True
+    steps: list[Step] = Field(min_length=1)
+    cleanup: list[Step] = Field(default_factory=list)
+    cleanup_timeout: Duration = 5.0
+
+    @field_validator("base_url")
+    @classmethod
+    def _valid_base(cls, url: str) -> str:
+        if url and (URL(url).scheme not in ("http", "https") or not URL(url).host):
+            raise ValueError("must be an absolute http:// or https:// URL")
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TransactionSettings":
+        names = [step.name for step in [*self.steps, *self.cleanup]]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"step names must be unique (repeated: {', '.join(repeated)})")
+        known = set(BUILTIN_VARIABLES)
+        for step in self.steps:
+            unknown = step.variables_used() - known
+            if unknown:
+                raise ValueError(
+                    f"step {step.name!r} uses {', '.join(sorted(unknown))} before any earlier step extracts it"
+                )
+            known |= set(step.extract)
+        for step in self.cleanup:
+            unknown = step.variables_used() - known
+            if unknown:
+                raise ValueError(f"cleanup step {step.name!r} uses {', '.join(sorted(unknown))}, which no step extracts")
+        for step in [*self.steps, *self.cleanup]:
+            if not self.base_url and not URL(_VARIABLE.sub("x", step.url)).is_absolute():
+                raise ValueError(f"step {step.name!r} has a relative url but no base_url is set")
+        return self
+
+    def target(self) -> str:
+        first = self.steps[0]
+        return f"{len(self.steps)} steps from {first.method} {_without_query(self.base_url + first.url)}"
+
+    def secret_values(self) -> list[str]:
+        found = super().secret_values()
+        for headers in [self.headers, *(step.headers for step in [*self.steps, *self.cleanup])]:
+            found += [value for name, value in headers.items() if SECRET_HEADER.search(name)]
+        return found
+
+
+def _without_query(url: str) -> str:
+    return url.split("?", 1)[0]
+
+
+class _StepFailed(Exception):
+    def __init__(self, result: Result) -> None:
+        self.result = result
+
+
+class TransactionProbe(Probe[TransactionSettings]):
+    settings_model = TransactionSettings
+
+    def __init__(self, settings: TransactionSettings) -> None:
+        super().__init__(settings)
+        self._conditions = {step.name: [parse_condition(c) for c in step.expect] for step in [*settings.steps, *settings.cleanup]}
+        self._extracts = {step.name: {v: parse_path(p) for v, p in step.extract.items()} for step in settings.steps}
+        self._headers = {"User-Agent": f"channel-canary/{__version__}", **settings.headers}
+        if settings.synthetic_header:
+            name, _, value = settings.synthetic_header.partition(":")
+            self._headers[name.strip()] = value.strip()
+
+    async def run(self, timer: PhaseTimer) -> Result:
+        variables = {"run_id": secrets.token_hex(6), "timestamp": str(int(time.time()))}
+        connector = aiohttp.TCPConnector(ssl=None if self.settings.verify_tls else False, limit=4)
+        async with aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=None)
+        ) as session:
+            try:
+                result = await self._run_steps(session, timer, variables)
+            except asyncio.CancelledError:
+                # Timed out or stopped mid-run: clean up before letting the cancellation through.
+                problem = await asyncio.shield(self._cleanup(session, None, variables))
+                if problem:
+                    log.warning("probe %s: cleanup after an interrupted run failed: %s", self.settings.name, problem)
+                raise
+            problem = await self._cleanup(session, timer, variables)
+        if problem is None:
+            return result
+        if result.success:
+            return Result.fail("cleanup", f"checks passed but cleanup failed: {problem}", phases=result.phases, checks=result.checks)
+        return Result.fail(result.reason, f"{result.message}; cleanup also failed: {problem}", phases=result.phases, checks=result.checks)
+
+    async def _run_steps(self, session: aiohttp.ClientSession, timer: PhaseTimer, variables: dict[str, str]) -> Result:
+        checks: list[Check] = []
+        summaries: list[str] = []
+        for step in self.settings.steps:
+            try:
+                with timer.phase(step.name):
+                    started = time.perf_counter()
+                    step_checks, document = await self._run_step(session, step, variables)
+            except _StepFailed as failed:
+                return Result.fail(
+                    failed.result.reason, f"step {step.name}: {failed.result.message}",
+                    checks=tuple(checks + list(failed.result.checks)),
+                )
+            checks += step_checks
+            for variable, steps in self._extracts[step.name].items():
+                value = lookup(document, steps)
+                if is_missing(value) or value is None or isinstance(value, (dict, list)):
+                    return Result.fail("assertion", f"step {step.name}: no {variable} in the answer "
+                                       f"(path {step.extract[variable]})", checks=tuple(checks))
+                variables[variable] = str(value)
+            summaries.append(f"{step.name} {format_duration(time.perf_counter() - started)}")
+        return Result.ok(", ".join(summaries), checks=tuple(checks))
+
+    async def _run_step(
+        self, session: aiohttp.ClientSession, step: Step, variables: dict[str, str]
+    ) -> tuple[list[Check], Any]:
+        """One request, or with `poll` repeated requests until its checks pass or `within` runs out."""
+        deadline = time.monotonic() + step.poll.within if step.poll else 0.0
+        attempts = 0
+        while True:
+            attempts += 1
+            status, body = await self._request(session, step, variables)
+            checks, document, failure = self._judge(step, status, body)
+            if failure is None:
+                return checks, document
+            if step.poll is None:
+                raise _StepFailed(failure)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # Checks that never came true within the SLA are "slow"; a step that kept erroring keeps its reason.
+                reason = "slow" if failure.reason == "assertion" else failure.reason
+                raise _StepFailed(Result.fail(
+                    reason, f"not done within {format_duration(step.poll.within)} ({attempts} polls); "
+                    f"last: {failure.message}", checks=failure.checks,
+                ))
+            await asyncio.sleep(min(step.poll.every, remaining))  # the last poll lands on the deadline
+
+    async def _request(self, session: aiohttp.ClientSession, step: Step, variables: dict[str, str]) -> tuple[int, bytes]:
+        url = _fill(step.url, variables, quote_values=True)
+        if not URL(url).is_absolute():
+            url = self.settings.base_url + url
+        body_json = _fill_json(step.body_json, variables) if step.body_json is not None else None
+        data: Any = _fill(step.body, variables) if step.body is not None else None
+        if step.form is not None:
+            data = {key: _fill(value, variables) for key, value in step.form.items()}
+        headers = {**self._headers, **{k: _fill(v, variables) for k, v in step.headers.items()}}
+        try:
+            async with session.request(step.method, url, headers=headers, data=data, json=body_json) as response:
+                body, error = await read_limited(response, step.max_body_bytes)
+                if error:
+                    raise _StepFailed(Result.fail("body", error))
+                return response.status, body
+        except aiohttp.ClientError as exc:
+            raise _StepFailed(client_error_result(exc)) from None
+
+    def _judge(self, step: Step, status: int, body: bytes) -> tuple[list[Check], Any, Result | None]:
+        expected = ", ".join(str(s) for s in step.expect_status)
+        if not status_matches(status, step.expect_status):
+            check = Check(False, f"[{step.name}] status {status} in ({expected})")
+            return [check], None, Result.fail("status", f"HTTP {status}, expected {expected}", checks=(check,))
+        checks = [Check(True, f"[{step.name}] status {status}")]
+        conditions: list[Condition] = self._conditions[step.name]
+        if not conditions and not step.extract:
+            return checks, None, None
+        try:
+            document = json.loads(body) if body else None
+        except (ValueError, UnicodeDecodeError):
+            return checks, None, Result.fail("assertion", f"HTTP {status} but the body is not JSON", checks=tuple(checks))
+        checks += [Check(c.passed, f"[{step.name}] {c.text}") for c in (cond.evaluate(document) for cond in conditions)]
+        failed = [check.text for check in checks if not check.passed]
+        if failed:
+            return checks, document, Result.fail("assertion", "; ".join(failed), checks=tuple(checks))
+        return checks, document, None
+
+    async def _cleanup(
+        self, session: aiohttp.ClientSession, timer: PhaseTimer | None, variables: dict[str, str]
+    ) -> str | None:
+        """Run every cleanup step whose variables are known (nothing to clean when the first step failed).
+
+        Returns what went wrong, or None. Bounded by `cleanup_timeout` so a hung platform cannot hold a stop.
+        """
+        problems: list[str] = []
+        try:
+            async with asyncio.timeout(self.settings.cleanup_timeout):
+                for step in self.settings.cleanup:
+                    if not step.variables_used() <= set(variables):
+                        continue
+                    try:
+                        started = time.perf_counter()
+                        status, body = await self._request(session, step, variables)
+                        _, _, failure = self._judge(step, status, body)
+                        if failure is not None:
+                            problems.append(f"{step.name}: {failure.message}")
+                    except _StepFailed as failed:
+                        problems.append(f"{step.name}: {failed.result.message}")
+                    finally:
+                        if timer is not None:
+                            timer.record(step.name, time.perf_counter() - started)
+        except TimeoutError:
+            problems.append(f"no answer within cleanup_timeout {format_duration(self.settings.cleanup_timeout)}")
+        return "; ".join(problems) or None
+
+
+def _fill(template: str, variables: dict[str, str], quote_values: bool = False) -> str:
+    def value(match: re.Match[str]) -> str:
+        found = variables.get(match.group(1), match.group(0))
+        return quote(found, safe="") if quote_values else found
+
+    return _VARIABLE.sub(value, template)
+
+
+def _fill_json(value: Any, variables: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return _fill(value, variables)
+    if isinstance(value, dict):
+        return {key: _fill_json(item, variables) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_fill_json(item, variables) for item in value]
+    return value

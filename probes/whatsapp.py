@@ -1,0 +1,303 @@
+"""`whatsapp` probe: plays Twilio delivering an inbound WhatsApp message to the platform's webhook.
+
+One run posts the form fields Twilio posts, with a fresh MessageSid, signed with `X-Twilio-Signature` by the
+twilio package over the PUBLIC URL Twilio would call (the platform usually sits behind a proxy or tunnel, and
+checks signatures against the URL Twilio called, not the one it received). A 2xx with TwiML passes the `signed` phase. Then, unless turned
+off, the `forged` phase sends the identical request with a wrong signature, which must be refused: a platform
+that accepts it would take messages from anyone, and fails the probe as `insecure`. An optional `cleanup`
+request removes what the message created, after the checks, whatever they found.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import ssl
+from dataclasses import replace
+from typing import Literal
+from urllib.parse import urlsplit
+from xml.etree import ElementTree
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from twilio.request_validator import SIGNATURE_HEADER, RequestValidator
+from yarl import URL
+
+from canary.phases import PhaseTimer
+from canary.result import Check, Result
+from probes.base import Probe, ProbeSettings
+from probes.http import (
+    SECRET_HEADER,
+    ExpectedStatuses,
+    url_for_humans,
+    client_error_result,
+    read_limited,
+    status_matches,
+)
+
+_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+_ACCOUNT_SID = r"^AC[0-9a-fA-F]{32}$"
+_TWILIO_USER_AGENT = "TwilioProxy/1.1"  # what Twilio's webhook requests carry
+_AUTH_REFUSED = (401, 403)
+
+
+def _http_url(url: str) -> str:
+    parsed = URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"must be an absolute http:// or https:// URL, got {url_for_humans(url)!r}")
+    return url
+
+
+def _shown(statuses: list[int | str]) -> str:
+    return ", ".join(str(status) for status in statuses)
+
+
+class WhatsAppCleanup(BaseModel):
+    """A request that removes what the synthetic message created; `{message_sid}` in the URL is filled in."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["DELETE", "POST", "PUT", "PATCH", "GET"] = "DELETE"
+    url: str
+    expect_status: ExpectedStatuses = Field(default_factory=lambda: ["2xx", 404])  # already gone is fine
+
+    @field_validator("url")
+    @classmethod
+    def _valid_template(cls, url: str) -> str:
+        try:
+            filled = url.format(message_sid="SM" + "0" * 32)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only {{message_sid}} may be filled in ({type(exc).__name__}: {exc})") from None
+        _http_url(filled)
+        return url
+
+
+class WhatsAppSettings(ProbeSettings):
+    type: Literal["whatsapp"] = "whatsapp"
+    url: str
+    public_url: str | None = None
+    auth_token: SecretStr
+    account_sid: str = Field(pattern=_ACCOUNT_SID)
+    from_number: str
+    to_number: str
+    body: str = Field(default="[canary] synthetic check", min_length=1, max_length=1600)
+    profile_name: str = Field(default="Channel Canary", max_length=100)
+    expect_forged_status: ExpectedStatuses = Field(default_factory=lambda: [403])
+    check_forged: bool = True
+    headers: dict[str, str] = Field(default_factory=dict)
+    synthetic_header: str = "X-Synthetic-Canary: 1"
+    verify_tls: bool = True
+    ca_file: str | None = None
+    max_body_bytes: int = Field(default=65_536, gt=0)
+    cleanup: WhatsAppCleanup | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, url: str) -> str:
+        return _http_url(url)
+
+    @field_validator("public_url")
+    @classmethod
+    def _valid_public_url(cls, url: str | None) -> str | None:
+        return _http_url(url) if url else None  # empty (an unset ${VAR:-}) means "the same as url"
+
+    @field_validator("synthetic_header")
+    @classmethod
+    def _valid_marker(cls, header: str) -> str:
+        if header and ":" not in header:
+            raise ValueError('must look like "Header-Name: value", or be empty to send no marker')
+        return header
+
+    @field_validator("from_number", "to_number")
+    @classmethod
+    def _valid_number(cls, number: str) -> str:
+        number = number.strip().removeprefix("whatsapp:")
+        if not _E164.match(number):
+            raise ValueError(f"must be an E.164 number such as +14155238886 (optionally whatsapp:+...), got {number!r}")
+        return number
+
+    @field_validator("expect_forged_status")
+    @classmethod
+    def _forged_not_accepted(cls, statuses: list[int | str]) -> list[int | str]:
+        accepted = [status for status in statuses if str(status).startswith("2")]
+        if accepted:
+            raise ValueError(f"a forged webhook must be refused; {_shown(accepted)} would pass an accepted forgery")
+        return statuses
+
+    def signed_url(self) -> str:
+        """The URL Twilio would call, which the signature covers.
+
+        A public_url with no path (`https://support.example.com`) is the proxy's base and takes url's path and
+        query, like the platform's own PLATFORM_PUBLIC_URL; a public_url with a path is used as it is."""
+        if not self.public_url:
+            return self.url
+        public = urlsplit(self.public_url)
+        if public.path not in ("", "/") or public.query:
+            return self.public_url
+        own = urlsplit(self.url)
+        return self.public_url.rstrip("/") + own.path + (f"?{own.query}" if own.query else "")
+
+    def target(self) -> str:
+        return f"POST {url_for_humans(self.url)}"
+
+    def secret_values(self) -> list[str]:
+        return super().secret_values() + [value for name, value in self.headers.items() if SECRET_HEADER.search(name)]
+
+
+class WhatsAppProbe(Probe[WhatsAppSettings]):
+    settings_model = WhatsAppSettings
+
+    def __init__(self, settings: WhatsAppSettings) -> None:
+        super().__init__(settings)
+        self._session: aiohttp.ClientSession | None = None
+        self._validator = RequestValidator(settings.auth_token.get_secret_value())
+        self._headers = {"User-Agent": _TWILIO_USER_AGENT, "Accept": "*/*", **settings.headers}
+        if settings.synthetic_header:
+            name, _, value = settings.synthetic_header.partition(":")
+            self._headers[name.strip()] = value.strip()
+        self._ssl: ssl.SSLContext | bool = False
+        if settings.verify_tls:
+            self._ssl = ssl.create_default_context(cafile=settings.ca_file)
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl, force_close=True, limit=2),
+                timeout=aiohttp.ClientTimeout(total=None),  # the runner owns the timeout
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def message_params(self, message_sid: str) -> dict[str, str]:
+        """The form fields of an inbound WhatsApp text message, in the order Twilio sends them."""
+        settings = self.settings
+        return {
+            "SmsMessageSid": message_sid,
+            "NumMedia": "0",
+            "ProfileName": settings.profile_name,
+            "MessageType": "text",
+            "SmsSid": message_sid,
+            "WaId": settings.from_number.removeprefix("+"),
+            "SmsStatus": "received",
+            "Body": settings.body,
+            "To": f"whatsapp:{settings.to_number}",
+            "NumSegments": "1",
+            "ReferralNumMedia": "0",
+            "MessageSid": message_sid,
+            "AccountSid": settings.account_sid,
+            "From": f"whatsapp:{settings.from_number}",
+            "ApiVersion": "2010-04-01",
+        }
+
+    async def run(self, timer: PhaseTimer) -> Result:
+        message_sid = "SM" + secrets.token_hex(16)
+        params = self.message_params(message_sid)
+        result = await self._checks(params, timer)
+        if self.settings.cleanup is None:
+            return result
+        return await self._cleanup(message_sid, result, timer)
+
+    async def _checks(self, params: dict[str, str], timer: PhaseTimer) -> Result:
+        signature = self._validator.compute_signature(self.settings.signed_url(), params)
+        try:
+            with timer.phase("signed"):
+                status, body, error = await self._post(params, signature)
+        except aiohttp.ClientError as exc:
+            return _in_phase("signed webhook", client_error_result(exc))
+        if error:
+            return Result.fail("body", f"signed webhook: {error}")
+        signed = self._judge_signed(status, body)
+        if not signed.success or not self.settings.check_forged:
+            return signed
+        # A well-formed signature made with a key that is not the auth token: what a forger can produce.
+        forged_signature = RequestValidator(secrets.token_urlsafe(24)).compute_signature(
+            self.settings.signed_url(), params
+        )
+        try:
+            with timer.phase("forged"):
+                forged_status, _, _ = await self._post(params, forged_signature)
+        except aiohttp.ClientError as exc:
+            return _in_phase("forged webhook", client_error_result(exc), signed.checks)
+        return self._judge_forged(forged_status, signed)
+
+    async def _post(self, params: dict[str, str], signature: str) -> tuple[int, bytes, str]:
+        headers = {**self._headers, SIGNATURE_HEADER: signature}
+        session = self._ensure_session()
+        async with session.post(self.settings.url, data=params, headers=headers, allow_redirects=False) as response:
+            body, error = await read_limited(response, self.settings.max_body_bytes)
+            return response.status, body, error
+
+    def _judge_signed(self, status: int, body: bytes) -> Result:
+        if status in _AUTH_REFUSED:
+            return Result.fail(
+                "auth",
+                f"the platform refused a correctly signed webhook with HTTP {status}: it validates with another auth "
+                "token (rotated?) or another public URL",
+                checks=(Check(False, f"[SIGNED] HTTP {status} in (2xx)"),),
+            )
+        if not 200 <= status < 300:
+            return Result.fail("status", f"signed webhook answered HTTP {status}, expected 2xx",
+                               checks=(Check(False, f"[SIGNED] HTTP {status} in (2xx)"),))
+        checks = [Check(True, f"[SIGNED] HTTP {status}")]
+        problem = _twiml_problem(body)
+        checks.append(Check(problem is None, f"[TWIML] <Response> document{f' ({problem})' if problem else ''}"))
+        if problem:
+            return Result.fail("assertion", f"signed webhook answered HTTP {status} but not with TwiML: {problem}",
+                               checks=tuple(checks))
+        return Result.ok(f"signed webhook answered HTTP {status} with TwiML", checks=tuple(checks))
+
+    def _judge_forged(self, status: int, signed: Result) -> Result:
+        expected = _shown(self.settings.expect_forged_status)
+        passed = status_matches(status, self.settings.expect_forged_status)
+        checks = (*signed.checks, Check(passed, f"[FORGED] HTTP {status} in ({expected})"))
+        if passed:
+            return Result.ok(f"{signed.message}; forged signature refused with HTTP {status}", checks=checks)
+        if 200 <= status < 300:
+            return Result.fail(
+                "insecure",
+                f"the platform accepted a webhook with a forged X-Twilio-Signature (HTTP {status}); it must refuse "
+                f"it with {expected}: anyone can post messages as Twilio",
+                checks=checks,
+            )
+        return Result.fail("status", f"forged webhook answered HTTP {status}, expected {expected}", checks=checks)
+
+    async def _cleanup(self, message_sid: str, result: Result, timer: PhaseTimer) -> Result:
+        """Runs after the checks whatever they found; a failure here is `cleanup` only if they had passed."""
+        cleanup = self.settings.cleanup
+        assert cleanup is not None
+        session = self._ensure_session()
+        url = cleanup.url.format(message_sid=message_sid)
+        try:
+            with timer.phase("cleanup"):
+                async with session.request(cleanup.method, url, headers=self._headers, allow_redirects=False) as response:
+                    await read_limited(response, self.settings.max_body_bytes)
+                    status = response.status
+        except aiohttp.ClientError as exc:
+            problem = f"cleanup {cleanup.method} failed: {client_error_result(exc).message}"
+        else:
+            if status_matches(status, cleanup.expect_status):
+                return replace(result, checks=(*result.checks, Check(True, f"[CLEANUP] HTTP {status}")))
+            problem = f"cleanup {cleanup.method} answered HTTP {status}, expected {_shown(cleanup.expect_status)}"
+        checks = (*result.checks, Check(False, f"[CLEANUP] {problem}"))
+        if result.success:
+            return Result.fail("cleanup", f"{result.message}, but {problem}", checks=checks)
+        return Result.fail(result.reason, f"{result.message}; also {problem}", checks=checks)
+
+
+def _in_phase(what: str, failure: Result, checks: tuple[Check, ...] = ()) -> Result:
+    return Result.fail(failure.reason, f"{what}: {failure.message}", checks=checks)
+
+
+def _twiml_problem(body: bytes) -> str | None:
+    """Why the body is not a TwiML document, or None when it is one (an empty <Response/> is one)."""
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError as exc:
+        return f"not well-formed XML ({exc})"
+    if root.tag != "Response":
+        return f"root element is <{root.tag[:40]}>, expected <Response>"
+    return None

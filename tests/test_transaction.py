@@ -1,0 +1,257 @@
+"""The `transaction` probe against the sandbox's real ticket endpoints: the web-form canary end to end,
+every failure the runbooks name, and cleanup after failures, timeouts and stops."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from canary.runner import run_once
+from canary.sandbox.faults import FAULTS
+from canary.sandbox.platform import DESK
+from canary.scrub import Scrubber
+from probes.transaction import TransactionProbe, TransactionSettings
+from tests.conftest import ROOT, Process, free_port, probe_command, wait_for_port, write_config
+
+
+def web_form(platform: str, within: str = "3s", **overrides: Any) -> TransactionSettings:
+    raw: dict[str, Any] = {
+        "name": "web-form",
+        "type": "transaction",
+        "channel": "web_form",
+        "interval": "1m",
+        "timeout": "20s",
+        "base_url": platform,
+        "steps": [
+            {
+                "name": "submit",
+                "method": "POST",
+                "url": "/support/submit",
+                "json": {"name": "Canary", "email": "canary@example.com", "subject": "[canary] {run_id}",
+                         "message": "synthetic"},
+                "expect_status": [201],
+                "expect": ["ticket_id exists"],
+                "extract": {"ticket_id": "ticket_id"},
+            },
+            {
+                "name": "agent_reply",
+                "url": "/support/ticket/{ticket_id}",
+                "expect": ['status != "open"', 'messages[*].role contains "agent"'],
+                "poll": {"every": "100ms", "within": within},
+            },
+        ],
+        "cleanup": [
+            {"name": "delete_ticket", "method": "DELETE", "url": "/support/ticket/{ticket_id}",
+             "expect_status": ["2xx", 404]},
+        ],
+        "cleanup_timeout": "1s",
+    }
+    raw.update(overrides)
+    return TransactionSettings.model_validate(raw)
+
+
+async def run(settings: TransactionSettings, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+    probe = TransactionProbe(settings)
+    try:
+        return await run_once(probe, timeout, Scrubber(settings.secret_values()))
+    finally:
+        await probe.close()
+
+
+def tickets(app) -> dict:  # type: ignore[no-untyped-def, type-arg]
+    return app[DESK].tickets
+
+
+async def test_healthy_web_form_passes_and_leaves_no_ticket(sandbox) -> None:  # type: ignore[no-untyped-def]
+    app, url = sandbox
+    app[FAULTS].update({"agent_delay_seconds": 0.3})
+    result = await run(web_form(url))
+    assert result.success, result.message
+    assert set(result.phases) == {"submit", "agent_reply", "delete_ticket"}
+    assert result.phases["agent_reply"] >= 0.25  # time to the agent's reply is measured
+    assert "submit" in result.message and "agent_reply" in result.message
+    assert tickets(app) == {}
+    assert any(check.text == '[agent_reply] messages[*].role contains "agent" (got ["customer", "agent"])'
+               for check in result.checks)
+
+
+async def test_canary_ticket_is_marked_synthetic(sandbox) -> None:  # type: ignore[no-untyped-def]
+    app, url = sandbox
+    app[FAULTS].update({"agent": "stalled", "delete": "error"})  # keep the ticket around to look at it
+    result = await run(web_form(url, within="200ms"))
+    assert result.reason == "slow"
+    [ticket] = tickets(app).values()
+    assert ticket.synthetic and ticket.subject.startswith("[canary] ")
+
+
+@pytest.mark.parametrize(
+    ("faults", "reason", "fragment"),
+    [
+        ({"submit": "error"}, "status", "step submit: HTTP 500, expected 201"),
+        ({"agent": "stalled"}, "slow", "step agent_reply: not done within 500ms"),
+    ],
+)
+async def test_runbook_failures(sandbox, faults: dict, reason: str, fragment: str) -> None:  # type: ignore[no-untyped-def, type-arg]
+    app, url = sandbox
+    app[FAULTS].update(faults)
+    result = await run(web_form(url, within="500ms"))
+    assert (result.success, result.reason) == (False, reason)
+    assert fragment in result.message
+    assert tickets(app) == {}  # cleanup ran, or nothing was ever created
+
+
+async def test_an_answer_without_a_ticket_id_fails_and_names_the_missing_value(sandbox) -> None:  # type: ignore[no-untyped-def]
+    # The platform created a ticket but did not say which: the canary cannot delete what it cannot name.
+    app, url = sandbox
+    app[FAULTS].update({"submit": "no_ticket_id", "agent": "stalled"})
+    result = await run(web_form(url))
+    assert result.reason == "assertion"
+    assert result.message == "step submit: [submit] ticket_id exists"
+    app[DESK].tickets.clear()
+
+
+async def test_an_escalated_ticket_counts_as_answered(sandbox) -> None:  # type: ignore[no-untyped-def]
+    app, url = sandbox
+    app[FAULTS].update({"agent": "escalate", "agent_delay_seconds": 0.1})
+    result = await run(web_form(url))
+    assert result.success, result.message
+
+
+async def test_a_hanging_form_times_out(sandbox) -> None:  # type: ignore[no-untyped-def]
+    app, url = sandbox
+    app[FAULTS].update({"submit": "hang"})
+    started = time.monotonic()
+    result = await run(web_form(url), timeout=0.5)
+    assert result.reason == "timeout" and "during submit" in result.message
+    assert time.monotonic() - started < 2
+    assert tickets(app) == {}
+
+
+async def test_cleanup_runs_after_the_probe_times_out_mid_poll(sandbox) -> None:  # type: ignore[no-untyped-def]
+    app, url = sandbox
+    app[FAULTS].update({"agent": "stalled"})
+    result = await run(web_form(url, within="10s"), timeout=0.6)
+    assert result.reason == "timeout" and "during agent_reply" in result.message
+    assert tickets(app) == {}
+
+
+async def test_cleanup_runs_when_the_run_is_cancelled(sandbox) -> None:  # type: ignore[no-untyped-def]
+    app, url = sandbox
+    app[FAULTS].update({"agent": "stalled"})
+    task = asyncio.create_task(run(web_form(url, within="10s")))
+    deadline = time.monotonic() + 5
+    while not tickets(app) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert tickets(app), "the submit step never created a ticket"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert tickets(app) == {}
+
+
+async def test_a_failed_cleanup_is_reported_on_its_own(sandbox) -> None:  # type: ignore[no-untyped-def]
+    app, url = sandbox
+    app[FAULTS].update({"delete": "error", "agent_delay_seconds": 0.1})
+    result = await run(web_form(url))
+    assert result.reason == "cleanup"
+    assert "checks passed but cleanup failed: delete_ticket: HTTP 500" in result.message
+    app[DESK].tickets.clear()
+
+    app[FAULTS].update({"agent": "stalled"})
+    result = await run(web_form(url, within="300ms"))
+    assert result.reason == "slow" and "cleanup also failed: delete_ticket: HTTP 500" in result.message
+    app[DESK].tickets.clear()
+
+
+async def test_a_hanging_cleanup_is_bounded_by_cleanup_timeout(sandbox) -> None:  # type: ignore[no-untyped-def]
+    app, url = sandbox
+    app[FAULTS].update({"delete": "hang", "agent_delay_seconds": 0.1})
+    started = time.monotonic()
+    result = await run(web_form(url))
+    assert result.reason == "cleanup" and "no answer within cleanup_timeout 1s" in result.message
+    assert time.monotonic() - started < 3
+    app[DESK].tickets.clear()
+
+
+async def test_connection_refused_names_the_step() -> None:
+    result = await run(web_form(f"http://127.0.0.1:{free_port()}"))
+    assert result.reason == "connect" and result.message.startswith("step submit: cannot connect")
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"steps": [{"name": "a", "url": "/t/{ticket_id}"}]}, "step 'a' uses ticket_id before any earlier step extracts it"),
+        ({"base_url": ""}, "step 'submit' has a relative url but no base_url is set"),
+        ({"cleanup": [{"name": "submit", "method": "DELETE", "url": "/x"}]}, "step names must be unique (repeated: submit)"),
+        ({"cleanup": [{"name": "undo", "method": "DELETE", "url": "/x/{nope}"}]}, "cleanup step 'undo' uses nope, which no step extracts"),
+        ({"steps": [{"name": "a", "url": "/x", "expect": ["status === 1"]}]}, "condition 'status === 1'"),
+        ({"steps": [{"name": "a", "url": "/x", "extract": {"run_id": "id"}}]}, "variable name 'run_id' is built in"),
+    ],
+)
+def test_invalid_transactions_are_refused_at_load(change: dict, error: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ValidationError) as caught:
+        web_form("http://127.0.0.1:1", **change)
+    assert error in str(caught.value)
+
+
+def test_sigterm_mid_transaction_still_deletes_the_ticket(tmp_path: Path, sandbox_process: str) -> None:
+    def call(path: str, data: dict | None = None) -> dict:  # type: ignore[type-arg]
+        request = urllib.request.Request(f"{sandbox_process}{path}", method="POST" if data is not None else "GET",
+                                         data=json.dumps(data).encode() if data is not None else None)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+
+    call("/_sandbox/faults", {"agent": "stalled"})
+    config = write_config(tmp_path, f"""
+        [daemon]
+        jitter = "1ms"
+        shutdown_grace = "500ms"
+
+        [[probes]]
+        name = "web-form"
+        type = "transaction"
+        channel = "web_form"
+        interval = "1m"
+        timeout = "30s"
+        base_url = "{sandbox_process}"
+
+        [[probes.steps]]
+        name = "submit"
+        method = "POST"
+        url = "/support/submit"
+        json = {{ name = "Canary", email = "canary@example.com", subject = "[canary]", message = "synthetic" }}
+        extract = {{ ticket_id = "ticket_id" }}
+
+        [[probes.steps]]
+        name = "agent_reply"
+        url = "/support/ticket/{{ticket_id}}"
+        expect = ['status != "open"']
+        poll = {{ every = "200ms", within = "25s" }}
+
+        [[probes.cleanup]]
+        name = "delete_ticket"
+        method = "DELETE"
+        url = "/support/ticket/{{ticket_id}}"
+    """)
+    port = free_port()
+    daemon = Process(probe_command("run", "--config", str(config), "--listen", f"127.0.0.1:{port}"), cwd=ROOT)
+    try:
+        wait_for_port(port, daemon)
+        deadline = time.monotonic() + 10
+        while not call("/_sandbox/tickets")["tickets"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert call("/_sandbox/tickets")["tickets"], f"the canary never submitted its ticket:\n{daemon.output()}"
+        daemon.popen.send_signal(signal.SIGTERM)
+        assert daemon.popen.wait(timeout=10) == 0
+        assert call("/_sandbox/tickets")["tickets"] == []
+    finally:
+        daemon.stop()
