@@ -31,10 +31,25 @@ def _positive(seconds: float) -> float:
     return seconds
 
 
+def _check_marker(header: str) -> str:
+    if header and ":" not in header:
+        raise ValueError('must look like "Header-Name: value", or be empty to send no marker')
+    return header
+
+
+def marker_headers(header: str) -> dict[str, str]:
+    """The synthetic-traffic marker as a header dict (empty when the marker is switched off)."""
+    name, _, value = header.partition(":")
+    return {name.strip(): value.strip()} if header else {}
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
 """Seconds, written in config as a string such as "30s"."""
 
 StaticLabels = Annotated[dict[str, str], AfterValidator(_check_labels)]
+
+SyntheticHeader = Annotated[str, AfterValidator(_check_marker)]
+"""Marks canary traffic as synthetic ("Header-Name: value"), so the platform can tell it apart and filter it."""
 
 
 class ProbeSettings(BaseModel):

@@ -38,7 +38,7 @@ from canary import __version__
 from canary.phases import PhaseTimer
 from canary.result import Gauge, Result
 from canary.scrub import Scrubber
-from probes.base import Duration, Probe, ProbeSettings
+from probes.base import Duration, Probe, ProbeSettings, SyntheticHeader, marker_headers
 from probes.http import client_error_result, read_limited
 
 WATCH_LIFETIME = 7 * 86400.0
@@ -130,7 +130,7 @@ class GmailSettings(ProbeSettings):
     renew: bool = True
     renew_url: str | None = None
     renew_headers: dict[str, SecretStr] = Field(default_factory=dict)
-    synthetic_header: str = "X-Synthetic-Canary: 1"
+    synthetic_header: SyntheticHeader = "X-Synthetic-Canary: 1"
     renew_before: Duration = 86400.0
     min_watch_remaining: Duration = 86400.0
 
@@ -149,13 +149,6 @@ class GmailSettings(ProbeSettings):
     @classmethod
     def _valid_api_url(cls, url: str) -> str:
         return _http_url(url).rstrip("/")
-
-    @field_validator("synthetic_header")
-    @classmethod
-    def _valid_marker(cls, header: str) -> str:
-        if header and ":" not in header:
-            raise ValueError('must look like "Header-Name: value", or be empty to send no marker')
-        return header
 
     @model_validator(mode="after")
     def _coherent_watch(self) -> "GmailSettings":
@@ -207,9 +200,7 @@ class GmailProbe(Probe[GmailSettings]):
         self._watch_expiry: float | None = None  # Unix seconds; learnt only by renewing
         self._renew_headers = {"User-Agent": f"channel-canary/{__version__}"}
         self._renew_headers.update({name: value.get_secret_value() for name, value in settings.renew_headers.items()})
-        if settings.synthetic_header:
-            name, _, value = settings.synthetic_header.partition(":")
-            self._renew_headers[name.strip()] = value.strip()
+        self._renew_headers.update(marker_headers(settings.synthetic_header))
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

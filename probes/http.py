@@ -22,7 +22,7 @@ from canary import __version__
 from canary.phases import PhaseTimer
 from canary.result import Check, Result
 from canary.scrub import Scrubber
-from probes.base import Probe, ProbeSettings
+from probes.base import Probe, ProbeSettings, SyntheticHeader, marker_headers
 from probes.jsonpath import is_missing, lookup, parse_path
 
 JsonScalar = str | int | float | bool | None
@@ -63,7 +63,7 @@ class HttpSettings(ProbeSettings):
     verify_tls: bool = True
     ca_file: str | None = None
     fresh_connection: bool = True
-    synthetic_header: str = "X-Synthetic-Canary: 1"
+    synthetic_header: SyntheticHeader = "X-Synthetic-Canary: 1"
     channel_map: str | None = None
     channel_up_values: list[str] = Field(default_factory=lambda: ["active", "healthy", "up", "ok", "true"])
 
@@ -98,13 +98,6 @@ class HttpSettings(ProbeSettings):
             except re.error as exc:
                 raise ValueError(f"not a valid regular expression: {exc}") from None
         return pattern
-
-    @field_validator("synthetic_header")
-    @classmethod
-    def _valid_marker(cls, header: str) -> str:
-        if header and ":" not in header:
-            raise ValueError('must look like "Header-Name: value", or be empty to send no marker')
-        return header
 
     @model_validator(mode="after")
     def _one_body(self) -> "HttpSettings":
@@ -175,9 +168,7 @@ class HttpProbe(Probe[HttpSettings]):
         self._body_not_regex = re.compile(settings.expect_body_not_regex) if settings.expect_body_not_regex else None
         self._ssl: ssl.SSLContext | bool = self._ssl_context(settings)
         self._headers = {"User-Agent": f"channel-canary/{__version__}", **settings.headers}
-        if settings.synthetic_header:
-            name, _, value = settings.synthetic_header.partition(":")
-            self._headers[name.strip()] = value.strip()
+        self._headers.update(marker_headers(settings.synthetic_header))
         self._url = URL(settings.url)
         self._scrub = Scrubber(settings.secret_values())  # before a shown value is cut, or a cut secret slips past
 

@@ -25,7 +25,7 @@ from canary import __version__
 from canary.durations import format_duration
 from canary.phases import PhaseTimer
 from canary.result import Check, Result
-from probes.base import Duration, Probe, ProbeSettings
+from probes.base import Duration, Probe, ProbeSettings, SyntheticHeader, marker_headers
 from probes.conditions import Condition, parse_condition
 from probes.http import SECRET_HEADER, ExpectedStatuses, client_error_result, read_limited, status_matches
 from probes.jsonpath import is_missing, lookup, parse_path
@@ -92,7 +92,7 @@ class TransactionSettings(ProbeSettings):
     type: Literal["transaction"] = "transaction"
     base_url: str = ""
     headers: dict[str, str] = Field(default_factory=dict)
-    synthetic_header: str = "X-Synthetic-Canary: 1"
+    synthetic_header: SyntheticHeader = "X-Synthetic-Canary: 1"
     verify_tls: bool = True
     steps: list[Step] = Field(min_length=1)
     cleanup: list[Step] = Field(default_factory=list)
@@ -156,9 +156,7 @@ class TransactionProbe(Probe[TransactionSettings]):
         self._conditions = {step.name: [parse_condition(c) for c in step.expect] for step in [*settings.steps, *settings.cleanup]}
         self._extracts = {step.name: {v: parse_path(p) for v, p in step.extract.items()} for step in settings.steps}
         self._headers = {"User-Agent": f"channel-canary/{__version__}", **settings.headers}
-        if settings.synthetic_header:
-            name, _, value = settings.synthetic_header.partition(":")
-            self._headers[name.strip()] = value.strip()
+        self._headers.update(marker_headers(settings.synthetic_header))
 
     async def run(self, timer: PhaseTimer) -> Result:
         variables = {"run_id": secrets.token_hex(6), "timestamp": str(int(time.time()))}

@@ -25,7 +25,7 @@ from yarl import URL
 
 from canary.phases import PhaseTimer
 from canary.result import Check, Result
-from probes.base import Probe, ProbeSettings
+from probes.base import Probe, ProbeSettings, SyntheticHeader, marker_headers
 from probes.http import (
     SECRET_HEADER,
     ExpectedStatuses,
@@ -85,7 +85,7 @@ class WhatsAppSettings(ProbeSettings):
     expect_forged_status: ExpectedStatuses = Field(default_factory=lambda: [403])
     check_forged: bool = True
     headers: dict[str, str] = Field(default_factory=dict)
-    synthetic_header: str = "X-Synthetic-Canary: 1"
+    synthetic_header: SyntheticHeader = "X-Synthetic-Canary: 1"
     verify_tls: bool = True
     ca_file: str | None = None
     max_body_bytes: int = Field(default=65_536, gt=0)
@@ -100,13 +100,6 @@ class WhatsAppSettings(ProbeSettings):
     @classmethod
     def _valid_public_url(cls, url: str | None) -> str | None:
         return _http_url(url) if url else None  # empty (an unset ${VAR:-}) means "the same as url"
-
-    @field_validator("synthetic_header")
-    @classmethod
-    def _valid_marker(cls, header: str) -> str:
-        if header and ":" not in header:
-            raise ValueError('must look like "Header-Name: value", or be empty to send no marker')
-        return header
 
     @field_validator("from_number", "to_number")
     @classmethod
@@ -152,9 +145,7 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
         self._session: aiohttp.ClientSession | None = None
         self._validator = RequestValidator(settings.auth_token.get_secret_value())
         self._headers = {"User-Agent": _TWILIO_USER_AGENT, "Accept": "*/*", **settings.headers}
-        if settings.synthetic_header:
-            name, _, value = settings.synthetic_header.partition(":")
-            self._headers[name.strip()] = value.strip()
+        self._headers.update(marker_headers(settings.synthetic_header))
         self._ssl: ssl.SSLContext | bool = False
         if settings.verify_tls:
             self._ssl = ssl.create_default_context(cafile=settings.ca_file)

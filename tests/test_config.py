@@ -484,7 +484,7 @@ def _pg_probe_with(dsn: str, *extra_lines: str) -> str:
             id="dsn-pasted-into-another-key",
         ),
         pytest.param(
-            f'[daemon]\nlisten = "${{DATABASE_URL}}"\n' + _pg_probe_with("${DATABASE_URL}"),
+            '[daemon]\nlisten = "${DATABASE_URL}"\n' + _pg_probe_with("${DATABASE_URL}"),
             {"DATABASE_URL": f"postgresql://canary:{PASSWORD}@db/x"},
             ["daemon.listen: String should match pattern '^(\\[[0-9a-fA-F:.]+\\]|[A-Za-z0-9.-]*):\\d{1,5}$' (got '***')"],
             id="dsn-variable-wired-to-listen",

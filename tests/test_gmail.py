@@ -19,7 +19,6 @@ from canary.config import load_config
 from canary.phases import PhaseTimer
 from canary.result import Result
 from canary.runner import run_once
-from canary.sandbox import build_sandbox_app
 from canary.sandbox import gmail as sandbox_gmail
 from canary.sandbox.faults import FAULTS
 from canary.scrub import Scrubber

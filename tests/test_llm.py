@@ -18,7 +18,7 @@ from canary.config import ConfigError, load_config
 from canary.result import Result
 from canary.runner import run_once
 from canary.sandbox import build_sandbox_app
-from canary.sandbox.llm import DEFAULT_API_KEY, LLM_REQUESTS, REQUEST_LIMIT, TOKEN_LIMIT
+from canary.sandbox.llm import DEFAULT_API_KEY, REQUEST_LIMIT, TOKEN_LIMIT
 from canary.scrub import Scrubber
 from probes import PROBE_TYPES
 from probes.llm import DEFAULT_MODEL, LlmProbe, LlmSettings, parse_reset, parse_retry_after
