@@ -48,11 +48,11 @@ def main() -> None:
     args = parser.parse_args()
     try:
         import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(args.port))
     except ImportError:
         asyncio.run(serve(args.port))
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(args.port))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def label_text(labels: Iterable[tuple[str, str]]) -> str:
 
 class ProbeExposition:
     def __init__(self, static_labels: dict[str, str], buckets: tuple[float, ...]) -> None:
-        self._cache: dict[str, tuple[ProbeRecord, int, dict[str, str]]] = {}
+        self._cache: dict[str, tuple[ProbeRecord, int, dict[str, bytes]]] = {}
         self._gauge_help: dict[str, str] = {}
         self.configure(static_labels, buckets)
 
@@ -100,12 +100,13 @@ class ProbeExposition:
         lines.append(f"canary_probe_latency_seconds_sum{{{base}}} {floatToGoString(record.latency_sum)}\n")
         lines.append(f"canary_probe_latency_seconds_count{{{base}}} {cumulative}\n")
         out["canary_probe_latency_seconds"] = "".join(lines)
-        self._cache[settings.name] = (record, record.version, out)
+        # Stored encoded: a scrape then joins bytes once, with no str building or encoding of 30 MB.
+        self._cache[settings.name] = (record, record.version, {name: text.encode() for name, text in out.items()})
 
-    def exposition(self, records: list[ProbeRecord], channel_states: dict[str, bool]) -> str:
-        """The text of every probe family plus `canary_channel_up`, for the records currently configured."""
-        fragments: list[dict[str, str]] = []
-        fresh: dict[str, tuple[ProbeRecord, int, dict[str, str]]] = {}
+    def exposition(self, records: list[ProbeRecord], channel_states: dict[str, bool], prefix: bytes = b"") -> bytes:
+        """`prefix` (the daemon's own metrics), then every probe family and `canary_channel_up`, as one body."""
+        fragments: list[dict[str, bytes]] = []
+        fresh: dict[str, tuple[ProbeRecord, int, dict[str, bytes]]] = {}
         for record in records:
             name = record.settings.name
             cached = self._cache.get(name)
@@ -116,21 +117,20 @@ class ProbeExposition:
             fragments.append(cached[2])
         self._cache = fresh  # drops probes removed by a reload
 
-        parts: list[str] = []
+        parts: list[bytes] = [prefix]
         if channel_states:
             static = label_text(sorted(self._static.items()))
-            prefix = f"{static}," if static else ""
-            parts.append(f"# HELP canary_channel_up {_CHANNEL_HELP}\n# TYPE canary_channel_up gauge\n")
+            label_prefix = f"{static}," if static else ""
+            parts.append(f"# HELP canary_channel_up {_CHANNEL_HELP}\n# TYPE canary_channel_up gauge\n".encode())
             parts.extend(
-                f'canary_channel_up{{{prefix}channel="{escape_label_value(channel)}"}} {1 if up else 0}\n'
+                f'canary_channel_up{{{label_prefix}channel="{escape_label_value(channel)}"}} {1 if up else 0}\n'.encode()
                 for channel, up in sorted(channel_states.items())
             )
         extra_families = sorted({family for out in fragments for family in out} - _CORE_NAMES)
         families = [*CORE_FAMILIES, *((name, "gauge", self._gauge_help.get(name, "")) for name in extra_families)]
         for name, kind, help_text in families:
-            body = [out[name] for out in fragments if name in out]
-            if not body:
-                continue
-            parts.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
-            parts.extend(body)
-        return "".join(parts)
+            header = len(parts)
+            parts.extend(out[name] for out in fragments if name in out)
+            if len(parts) > header:
+                parts.insert(header, f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n".encode())
+        return b"".join(parts)

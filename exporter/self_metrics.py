@@ -58,5 +58,5 @@ class DaemonMetrics:
             if probe_count is not None:
                 self._probes.set(probe_count)
 
-    def exposition(self) -> str:
-        return generate_latest(self.registry).decode()
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -41,10 +41,10 @@ def build_exporter_app(sources: ExporterSources) -> web.Application:
 
 async def _metrics(request: web.Request) -> web.Response:
     sources = request.app[SOURCES]
-    text = sources.daemon_metrics.exposition() + sources.probe_exposition.exposition(
-        sources.store.records(), sources.store.channel_states()
+    body = sources.probe_exposition.exposition(
+        sources.store.records(), sources.store.channel_states(), prefix=sources.daemon_metrics.exposition()
     )
-    return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def _healthz(request: web.Request) -> web.Response:

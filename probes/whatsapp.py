@@ -33,6 +33,7 @@ from probes.http import (
     client_error_result,
     read_limited,
     status_matches,
+    tls_context,
 )
 
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -146,9 +147,7 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
         self._validator = RequestValidator(settings.auth_token.get_secret_value())
         self._headers = {"User-Agent": _TWILIO_USER_AGENT, "Accept": "*/*", **settings.headers}
         self._headers.update(marker_headers(settings.synthetic_header))
-        self._ssl: ssl.SSLContext | bool = False
-        if settings.verify_tls:
-            self._ssl = ssl.create_default_context(cafile=settings.ca_file)
+        self._ssl: ssl.SSLContext | bool = tls_context(settings.verify_tls, settings.ca_file)
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

@@ -52,7 +52,7 @@ def build(probes: list[PlainSettings], static: dict[str, str] | None = None) -> 
 
 
 def text_of(store: ResultStore, exposition: ProbeExposition) -> str:
-    return exposition.exposition(store.records(), store.channel_states())
+    return exposition.exposition(store.records(), store.channel_states()).decode()
 
 
 def test_series_for_passing_and_failing_probes() -> None:
@@ -153,7 +153,7 @@ def test_promtool_finds_nothing_to_complain_about() -> None:
     metrics = DaemonMetrics()
     metrics.config_loaded(True, 2)
     metrics.observe_lateness(0.002)
-    text = metrics.exposition() + text_of(store, exposition)
+    text = metrics.exposition().decode() + text_of(store, exposition)
     checked = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0 and checked.stdout + checked.stderr == "", checked.stdout + checked.stderr
 
