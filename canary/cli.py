@@ -96,8 +96,11 @@ def _list(config: Config) -> int:
 
 
 def _once(config: Config, args: argparse.Namespace) -> int:
-    from canary.once import as_json, as_junit, as_table, run_all, select
+    from canary.once import all_passed, as_json, as_junit, as_table, run_all, select
 
+    from canary.daemon import configure_logging
+
+    configure_logging("warning", config.scrubber())
     only = [item.strip() for value in args.only for item in value.split(",") if item.strip()]
     selected = select(config.probes, only)
     if not selected:
@@ -112,7 +115,7 @@ def _once(config: Config, args: argparse.Namespace) -> int:
             print(as_table(outcomes))
     else:
         print(report)
-    return EXIT_OK if all(o.result.success for o in outcomes) else EXIT_FAILED
+    return EXIT_OK if all_passed(outcomes) else EXIT_FAILED
 
 
 def _sandbox(listen: str) -> int:

@@ -35,6 +35,8 @@ def configure_logging(level: str, scrubber: Scrubber) -> ScrubbingFilter:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiokafka logs every refused connection at ERROR; the Kafka probes report those themselves, once per run.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     return scrub_filter
 
 

@@ -19,6 +19,17 @@ class Outcome:
     settings: ProbeSettings
     result: Result
 
+    @property
+    def verdict(self) -> str:
+        """PASS, FAIL, or WARN for a failed probe of severity "warning" (which does not fail the run)."""
+        if self.result.success:
+            return "PASS"
+        return "WARN" if self.settings.severity == "warning" else "FAIL"
+
+
+def all_passed(outcomes: list[Outcome]) -> bool:
+    return all(o.verdict != "FAIL" for o in outcomes)
+
 
 def select(probes: Iterable[ProbeSettings], only: list[str]) -> list[ProbeSettings]:
     """Probes whose name or channel is in `only` (all of them when `only` is empty)."""
@@ -48,6 +59,7 @@ def as_json(outcomes: list[Outcome]) -> str:
             "type": o.settings.type,
             "channel": o.settings.channel,
             "success": o.result.success,
+            "severity": o.settings.severity,
             "reason": o.result.reason,
             "duration_seconds": round(o.result.duration_seconds, 6),
             "message": o.result.message,
@@ -56,24 +68,31 @@ def as_json(outcomes: list[Outcome]) -> str:
         }
         for o in outcomes
     ]
-    passed = sum(o.result.success for o in outcomes)
-    return json.dumps({"results": results, "passed": passed, "failed": len(outcomes) - passed}, indent=2)
+    verdicts = [o.verdict for o in outcomes]
+    return json.dumps(
+        {"results": results, "passed": verdicts.count("PASS"), "failed": verdicts.count("FAIL"),
+         "warnings": verdicts.count("WARN")},
+        indent=2,
+    )
 
 
 def as_junit(outcomes: list[Outcome]) -> str:
-    failures = sum(not o.result.success for o in outcomes)
+    failures = sum(o.verdict == "FAIL" for o in outcomes)
+    warnings = sum(o.verdict == "WARN" for o in outcomes)
     total_time = sum(o.result.duration_seconds for o in outcomes)
     suites = ET.Element("testsuites", name="channel-canary", tests=str(len(outcomes)), failures=str(failures))
     suite = ET.SubElement(
         suites, "testsuite", name="channel-canary", tests=str(len(outcomes)),
-        failures=str(failures), errors="0", skipped="0", time=f"{total_time:.3f}",
+        failures=str(failures), errors="0", skipped=str(warnings), time=f"{total_time:.3f}",
     )
     for o in outcomes:
         case = ET.SubElement(
             suite, "testcase", classname=f"{o.settings.channel}.{o.settings.type}",
             name=o.settings.name, time=f"{o.result.duration_seconds:.3f}",
         )
-        if not o.result.success:
+        if o.verdict == "WARN":  # shown, but not a failed build
+            ET.SubElement(case, "skipped", type="warning", message=f"{o.result.reason}: {o.result.message}")
+        elif not o.result.success:
             failure = ET.SubElement(case, "failure", type=o.result.reason, message=o.result.message)
             failure.text = "\n".join(f"{'PASS' if c.passed else 'FAIL'} {c.text}" for c in o.result.checks) or o.result.message
     ET.indent(suites)
@@ -87,7 +106,7 @@ def as_table(outcomes: list[Outcome], message_width: int = 90) -> str:
             o.settings.name,
             o.settings.type,
             o.settings.channel,
-            "PASS" if o.result.success else "FAIL",
+            o.verdict,
             o.result.reason,
             f"{o.result.duration_seconds * 1000:.0f}ms",
             _clip(o.result.message, message_width),
@@ -96,8 +115,9 @@ def as_table(outcomes: list[Outcome], message_width: int = 90) -> str:
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
-    passed = sum(o.result.success for o in outcomes)
-    lines.append(f"\n{passed} probes passed, {len(outcomes) - passed} failed")
+    verdicts = [o.verdict for o in outcomes]
+    warned = f", {verdicts.count('WARN')} warnings" if "WARN" in verdicts else ""
+    lines.append(f"\n{verdicts.count('PASS')} probes passed, {verdicts.count('FAIL')} failed{warned}")
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -57,6 +57,8 @@ class ProbeExposition:
     def render(self, record: ProbeRecord) -> None:
         settings = record.settings
         labels = {**self._static, **settings.labels, "probe": settings.name, "channel": settings.channel, "type": settings.type}
+        if settings.severity != "critical":  # only the exception is labelled, so most series stay short
+            labels["severity"] = settings.severity
         base = label_text(sorted(labels.items()))
         out: dict[str, str] = {
             "canary_probe_interval_seconds": f"canary_probe_interval_seconds{{{base}}} {floatToGoString(settings.interval or 0)}\n",

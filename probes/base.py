@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
 
@@ -12,7 +12,7 @@ from canary.phases import PhaseTimer
 from canary.result import Result
 
 # Label names the exporter sets itself; a user's static label may not take them.
-RESERVED_LABELS = frozenset({"probe", "channel", "type", "phase", "result", "reason", "le", "quantile", "job", "instance"})
+RESERVED_LABELS = frozenset({"probe", "channel", "type", "severity", "phase", "result", "reason", "le", "quantile", "job", "instance"})
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
@@ -68,6 +68,9 @@ class ProbeSettings(BaseModel):
     timeout: Duration | None = None
     labels: StaticLabels = Field(default_factory=dict)
     description: str = Field(default="", max_length=200)
+    # "warning": a failure is shown and exported (with a `severity="warning"` label) but does not fail
+    # `probe --once`; for parts a platform may run without by design (e.g. Kafka in its fallback mode).
+    severity: Literal["critical", "warning"] = "critical"
 
     def target(self) -> str:
         """A short, secret-free description of what the probe talks to, for `probe list` and the status page."""

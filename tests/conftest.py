@@ -17,6 +17,8 @@ from aiohttp import web
 
 from canary.sandbox import build_sandbox_app
 
+pytest_plugins = ["tests.kafka_broker"]  # the Kafka broker fixtures
+
 ROOT = Path(__file__).resolve().parent.parent
 PG_HOST, PG_PORT = "127.0.0.1", int(os.environ.get("CANARY_TEST_PG_PORT", "5432"))
 PG_DSN = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"

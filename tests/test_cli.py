@@ -162,3 +162,33 @@ def test_usage_errors_exit_2() -> None:
     assert probe().returncode == 2
     assert probe("--format", "yaml", "--once").returncode == 2
     assert probe("no-such-command").returncode == 2
+
+
+def test_a_failing_warning_probe_is_shown_but_does_not_fail_the_run(tmp_path: Path, sandbox_process: str) -> None:
+    path = write_config(tmp_path, f"""
+        [daemon]
+        timeout = "2s"
+
+        [[probes]]
+        name = "api-health"
+        type = "http"
+        channel = "api"
+        url = "{sandbox_process}/health"
+
+        [[probes]]
+        name = "optional-queue"
+        type = "http"
+        channel = "kafka"
+        severity = "warning"
+        url = "http://127.0.0.1:{free_port()}/"
+    """)
+    table = probe("--once", "--config", str(path))
+    assert table.returncode == 0, table.stdout
+    assert any(line.startswith("optional-queue ") and " WARN " in line for line in table.stdout.splitlines())
+    assert "1 probes passed, 0 failed, 1 warnings" in table.stdout
+    report = json.loads(probe("--once", "--config", str(path), "--format", "json").stdout)
+    assert (report["passed"], report["failed"], report["warnings"]) == (1, 0, 1)
+    assert {r["name"]: r["severity"] for r in report["results"]} == {"api-health": "critical", "optional-queue": "warning"}
+    junit = probe("--once", "--config", str(path), "--format", "junit")
+    suite = ET.fromstring(junit.stdout.split("\n", 1)[1]).find("testsuite")
+    assert suite is not None and (suite.get("failures"), suite.get("skipped")) == ("0", "1")

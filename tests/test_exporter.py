@@ -192,3 +192,14 @@ async def test_http_endpoints() -> None:
                 assert status["channels"] == {"web_form": False}
     finally:
         await runner.cleanup()
+
+
+def test_only_warning_severity_probes_carry_a_severity_label() -> None:
+    critical = plain("form")
+    warning = PlainSettings(name="queue", channel="kafka", interval="30s", timeout="5s", severity="warning")
+    store, exposition = build([critical, warning])
+    store.record("form", Result.ok(), 1.0)
+    store.record("queue", Result.fail("connect", "refused"), 1.0)
+    parsed = samples(text_of(store, exposition))
+    assert value(parsed, "canary_probe_success", probe="form", channel="web_form", type="plain") == 1
+    assert value(parsed, "canary_probe_success", probe="queue", channel="kafka", type="plain", severity="warning") == 0
