@@ -43,6 +43,17 @@ def marker_headers(header: str) -> dict[str, str]:
     return {name.strip(): value.strip()} if header else {}
 
 
+def _check_regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return pattern
+
+
+Regex = Annotated[str, AfterValidator(_check_regex)]
+"""A regular expression, compiled once at load so a typo is a config error, not a failed probe."""
+
 Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
 """Seconds, written in config as a string such as "30s"."""
 

@@ -32,14 +32,13 @@ import requests
 from google.auth import exceptions as google_exceptions
 from google.oauth2.credentials import Credentials
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
-from yarl import URL
 
 from canary import __version__
 from canary.phases import PhaseTimer
 from canary.result import Gauge, Result
 from canary.scrub import Scrubber
 from probes.base import Duration, Probe, ProbeSettings, SyntheticHeader, marker_headers
-from probes.http import client_error_result, read_limited
+from probes.http import client_error_result, http_url, read_limited, url_for_humans
 
 WATCH_LIFETIME = 7 * 86400.0
 """How long a Gmail watch lasts after users.watch; the renewal window must fit inside it."""
@@ -105,22 +104,6 @@ def _load_authorized_user(value: Any) -> Any:
     )
 
 
-def _http_url(url: str) -> str:
-    parsed = URL(url)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"must be an absolute http:// or https:// URL, got {url_for_humans(url)!r}")
-    return url
-
-
-def url_for_humans(url: str) -> str:
-    """Scheme, host, port and path only: no credentials or query strings in a message."""
-    try:
-        parsed = URL(url)
-        return str(parsed.with_user(None).with_password(None).with_query(None).with_fragment(None)) if parsed.host else url
-    except (ValueError, TypeError):
-        return "<invalid URL>"
-
-
 class GmailSettings(ProbeSettings):
     type: Literal["gmail"] = "gmail"
     credentials_file: Annotated[AuthorizedUser, BeforeValidator(_load_authorized_user)]
@@ -143,12 +126,12 @@ class GmailSettings(ProbeSettings):
     @field_validator("oauth_token_url", "renew_url")
     @classmethod
     def _valid_optional_url(cls, url: str | None) -> str | None:
-        return None if url is None else _http_url(url)
+        return None if url is None else http_url(url)
 
     @field_validator("gmail_api_url")
     @classmethod
     def _valid_api_url(cls, url: str) -> str:
-        return _http_url(url).rstrip("/")
+        return http_url(url).rstrip("/")
 
     @model_validator(mode="after")
     def _coherent_watch(self) -> "GmailSettings":

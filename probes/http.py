@@ -24,7 +24,7 @@ from canary import __version__
 from canary.phases import PhaseTimer
 from canary.result import Check, Result
 from canary.scrub import Scrubber
-from probes.base import Probe, ProbeSettings, SyntheticHeader, marker_headers
+from probes.base import Probe, ProbeSettings, Regex, SyntheticHeader, marker_headers
 from probes.jsonpath import is_missing, lookup, parse_path
 
 JsonScalar = str | int | float | bool | None
@@ -56,8 +56,8 @@ class HttpSettings(ProbeSettings):
     form: dict[str, str] | None = None
     expect_status: ExpectedStatuses = Field(default_factory=lambda: ["2xx"])
     expect_json: dict[str, JsonScalar] = Field(default_factory=dict)
-    expect_body_regex: str | None = None
-    expect_body_not_regex: str | None = None
+    expect_body_regex: Regex | None = None
+    expect_body_not_regex: Regex | None = None
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     follow_redirects: bool = True
     max_redirects: int = Field(default=10, ge=1, le=50)
@@ -72,10 +72,7 @@ class HttpSettings(ProbeSettings):
     @field_validator("url")
     @classmethod
     def _valid_url(cls, url: str) -> str:
-        parsed = URL(url)
-        if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise ValueError(f"must be an absolute http:// or https:// URL, got {url_for_humans(url)!r}")
-        return url
+        return http_url(url)
 
     @field_validator("expect_json")
     @classmethod
@@ -90,16 +87,6 @@ class HttpSettings(ProbeSettings):
         if path is not None:
             parse_path(path)
         return path
-
-    @field_validator("expect_body_regex", "expect_body_not_regex")
-    @classmethod
-    def _valid_regex(cls, pattern: str | None) -> str | None:
-        if pattern is not None:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return pattern
 
     @model_validator(mode="after")
     def _one_body(self) -> "HttpSettings":
@@ -139,12 +126,20 @@ def _context_for_ca_file(ca_file: str, changed: int) -> ssl.SSLContext:
 
 
 def url_for_humans(url: str) -> str:
-    """The URL without its password or query string: what is safe to print and bounded enough to show."""
+    """Scheme, host, port and path only: no credentials, query string or fragment in a message."""
     try:
         parsed = URL(url)
-        return str(parsed.with_password(None).with_user(None).with_query(None)) if parsed.host else url
+        return str(parsed.with_user(None).with_password(None).with_query(None).with_fragment(None)) if parsed.host else url
     except (ValueError, TypeError):
         return "<invalid URL>"
+
+
+def http_url(url: str) -> str:
+    """`url` itself if it is an absolute http(s) URL; the ValueError every probe's settings report otherwise."""
+    parsed = URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"must be an absolute http:// or https:// URL, got {url_for_humans(url)!r}")
+    return url
 
 
 class _OffHostRedirect(Exception):

@@ -13,11 +13,11 @@ import socket
 import ssl
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from canary.phases import PhaseTimer
 from canary.result import Check, Result
-from probes.base import Probe, ProbeSettings
+from probes.base import Probe, ProbeSettings, Regex
 
 _READ_CHUNK = 4096
 _CLOSE_TIMEOUT = 2.0
@@ -29,22 +29,12 @@ class TcpSettings(ProbeSettings):
     host: str = Field(min_length=1, max_length=253)
     port: int = Field(ge=1, le=65535)
     send: str | None = None
-    expect: str | None = None
+    expect: Regex | None = None
     max_read_bytes: int = Field(default=4096, gt=0, le=1_048_576)
     tls: bool = False
     verify_tls: bool = True
     ca_file: str | None = None
     server_name: str | None = None
-
-    @field_validator("expect")
-    @classmethod
-    def _valid_regex(cls, pattern: str | None) -> str | None:
-        if pattern is not None:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return pattern
 
     def target(self) -> str:
         return f"{'tls' if self.tls else 'tcp'} {self.host}:{self.port}"

@@ -21,7 +21,6 @@ from xml.etree import ElementTree
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from twilio.request_validator import SIGNATURE_HEADER, RequestValidator
-from yarl import URL
 
 from canary.phases import PhaseTimer
 from canary.result import Check, Result
@@ -29,6 +28,7 @@ from probes.base import Probe, ProbeSettings, SyntheticHeader, marker_headers
 from probes.http import (
     SECRET_HEADER,
     ExpectedStatuses,
+    http_url,
     url_for_humans,
     client_error_result,
     read_limited,
@@ -40,13 +40,6 @@ _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _ACCOUNT_SID = r"^AC[0-9a-fA-F]{32}$"
 _TWILIO_USER_AGENT = "TwilioProxy/1.1"  # what Twilio's webhook requests carry
 _AUTH_REFUSED = (401, 403)
-
-
-def _http_url(url: str) -> str:
-    parsed = URL(url)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"must be an absolute http:// or https:// URL, got {url_for_humans(url)!r}")
-    return url
 
 
 def _shown(statuses: list[int | str]) -> str:
@@ -69,7 +62,7 @@ class WhatsAppCleanup(BaseModel):
             filled = url.format(message_sid="SM" + "0" * 32)
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(f"only {{message_sid}} may be filled in ({type(exc).__name__}: {exc})") from None
-        _http_url(filled)
+        http_url(filled)
         return url
 
 
@@ -95,12 +88,12 @@ class WhatsAppSettings(ProbeSettings):
     @field_validator("url")
     @classmethod
     def _valid_url(cls, url: str) -> str:
-        return _http_url(url)
+        return http_url(url)
 
     @field_validator("public_url")
     @classmethod
     def _valid_public_url(cls, url: str | None) -> str | None:
-        return _http_url(url) if url else None  # empty (an unset ${VAR:-}) means "the same as url"
+        return http_url(url) if url else None  # empty (an unset ${VAR:-}) means "the same as url"
 
     @field_validator("from_number", "to_number")
     @classmethod
