@@ -23,6 +23,8 @@ from probes.base import Probe, ProbeSettings
 log = logging.getLogger("canary.scheduler")
 # A slot missed by less than this when a probe starts is run at once (late), not pushed a whole interval on.
 JOIN_TOLERANCE = 0.5
+# The longest the garbage collector rests while newly started probes make their first run (see `apply`).
+FIRST_ROUND_GC_PAUSE = 30.0
 
 
 class SchedulerObserver(Protocol):
@@ -30,14 +32,22 @@ class SchedulerObserver(Protocol):
     def count_skipped(self, name: str, slots: int) -> None: ...
 
 
-def _freeze_heap() -> None:
+def _freeze_heap(collect: bool = True) -> None:
     """Move long-lived objects (probes, their sessions and settings) out of the garbage collector's sight.
 
     With 10,000 probes a full collection walks a million objects and stalls the loop for up to half a second,
-    which every probe due in that moment sees as lateness. Frozen objects are never walked again.
+    which every probe due in that moment sees as lateness. Frozen objects are never walked again. While probes
+    are running, freeze without collecting first: that collection would itself be such a stall, and the little
+    garbage it would have freed is kept once, not again.
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     gc.freeze()
+
+
+def _end_first_round() -> None:
+    _freeze_heap(collect=False)
+    gc.enable()
 
 
 def stable_offset(name: str, spread: float) -> float:
@@ -78,6 +88,9 @@ class Scheduler:
     async def apply(self, probes: tuple[ProbeSettings, ...], jitter: float, scrub: Scrubber) -> None:
         """Start, stop and restart probe tasks so that exactly `probes` run. Unchanged probes keep their slots."""
         gc.unfreeze()  # let the probes this change replaces be collected
+        if self._refreeze is not None:
+            self._refreeze.cancel()
+            gc.enable()
         self._scrub = scrub
         jitter_changed = jitter != self._jitter
         self._jitter = jitter
@@ -95,9 +108,13 @@ class Scheduler:
             running.task = self._loop.create_task(self._loop_probe(running), name=f"probe:{settings.name}")
             self._running[settings.name] = running
         _freeze_heap()
-        if built:  # probes build their sessions on their first run, inside the jitter window: freeze those too
+        if built:
+            # Probes build their sessions on their first run, inside the jitter window. Collecting while 10,000
+            # sessions appear means full passes of 0.2-0.3 s, so the collector rests for that first round
+            # (bounded by FIRST_ROUND_GC_PAUSE) and what it built is frozen at the end of it.
             longest = max(settings.interval or 0.0 for settings, _ in built)
-            self._refreeze = self._loop.call_later(min(jitter, longest) + 1.0, _freeze_heap)
+            gc.disable()
+            self._refreeze = self._loop.call_later(min(jitter, longest, FIRST_ROUND_GC_PAUSE) + 1.0, _end_first_round)
 
     async def _loop_probe(self, running: _Running) -> None:
         settings = running.settings
@@ -146,6 +163,7 @@ class Scheduler:
         self._stopping = True
         if self._refreeze is not None:
             self._refreeze.cancel()
+            gc.enable()
         running = list(self._running.values())
         self._running.clear()
         await self._stop_tasks(running, grace)

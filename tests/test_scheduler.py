@@ -173,3 +173,18 @@ async def test_stop_lets_runs_in_flight_finish_within_the_grace_then_cancels() -
     assert ("too-slow", "cancelled") in BehaviourProbe.events
     assert store.get("quick-finish").latest.success
     assert {name for name, event in BehaviourProbe.events if event == "closed"} == {"quick-finish", "too-slow"}
+
+
+async def test_the_collector_rests_only_for_the_first_round_and_the_heap_is_frozen() -> None:
+    import gc
+
+    scheduler, store, _ = await start([settings("one"), settings("two")], jitter=0.05)
+    try:
+        assert not gc.isenabled()  # resting while the new probes make their first run
+        assert gc.get_freeze_count() > 0  # what apply built is frozen
+        await wait_until(gc.isenabled, timeout=3)  # back after min(jitter, interval) + 1 s
+        assert store.get("one").latest is not None
+    finally:
+        await scheduler.stop(grace=0.5)
+        gc.unfreeze()
+    assert gc.isenabled()
