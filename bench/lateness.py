@@ -2,15 +2,15 @@
 
 Lateness is what the Scheduler hands its observer: how long after its slot each run started. The observer
 here records every value (and forwards it to the daemon's own DaemonMetrics, as `probe run` does).
+The product is measured as shipped: HttpProbes share TLS contexts (probes.http.tls_context) and
+Scheduler.apply freezes the heap itself (gc.freeze() after starting the probes and after the first jitter window).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import logging
-import ssl
 import tempfile
 import time
 from collections import Counter
@@ -79,19 +79,8 @@ def _noop_probe_type():  # type: ignore[no-untyped-def]
     return NoopProbe
 
 
-def _share_ssl_contexts() -> None:
-    """What-if for the `--ssl-context shared` run: one SSLContext per (verify_tls, ca_file), as a fix would do."""
-    from probes.http import HttpProbe
-
-    @functools.lru_cache(maxsize=None)
-    def context(verify: bool, ca_file: str | None) -> ssl.SSLContext | bool:
-        return ssl.create_default_context(cafile=ca_file) if verify else False
-
-    HttpProbe._ssl_context = staticmethod(lambda settings: context(settings.verify_tls, settings.ca_file))  # type: ignore[method-assign]
-
-
 async def _measure(
-    kind: str, count: int, interval: float, duration: float, base_url: str | None, target_pid: int | None, gc_freeze: bool
+    kind: str, count: int, interval: float, duration: float, base_url: str | None, target_pid: int | None
 ) -> None:
     from canary.config import DEFAULT_BUCKETS
     from canary.scheduler import Scheduler
@@ -140,19 +129,14 @@ async def _measure(
          f"{apply_wall:.2f} s wall, {apply_cpu / count * 1000:.3f} ms CPU per probe; "
          f"RSS {rss_before_apply:.0f} -> {rss_after_apply:.0f} MB (+{(rss_after_apply - rss_before_apply) * 1024 / count:.1f} KB/probe)")
 
-    if gc_freeze:
-        gc.collect()
-        gc.freeze()
-        line("what-if: gc.freeze() after apply", f"{gc.get_freeze_count()} objects moved to the permanent generation")
-    tracked = len(gc.get_objects()) + gc.get_freeze_count()
-    line("GC-tracked objects after apply", f"{tracked} ({tracked / count:.0f} per probe{'; all frozen' if gc_freeze else ''})")
+    frozen = gc.get_freeze_count()
+    unfrozen = len(gc.get_objects())
+    tracked = unfrozen + frozen
+    line("GC-tracked objects after apply",
+         f"{tracked} ({tracked / count:.0f} per probe); {frozen} frozen by Scheduler.apply, {unfrozen} not frozen")
 
     started = loop.time()
     perf_started = time.perf_counter()
-    refreeze: asyncio.TimerHandle | None = None
-    frozen_later: list[int] = []
-    if gc_freeze:  # freeze again once every probe has run once: HttpProbe builds its session on its first run
-        refreeze = loop.call_later(interval + 0.5, lambda: (gc.freeze(), frozen_later.append(gc.get_freeze_count())))
     target_cpu0 = proc_cpu_seconds(target_pid) if target_pid else 0.0
     cpu0 = time.process_time()
     with GcWatch() as gc_watch:
@@ -161,10 +145,8 @@ async def _measure(
     target_cpu = (proc_cpu_seconds(target_pid) - target_cpu0) if target_pid else 0.0
     ended = loop.time()
     wall_stop = time.perf_counter()
-    if refreeze is not None:
-        refreeze.cancel()
-        if frozen_later:
-            line(f"what-if: gc.freeze() again at t+{interval + 0.5:g} s", f"{frozen_later[0]} objects frozen in all")
+    frozen_end = gc.get_freeze_count()  # before stop: the Scheduler's second freeze ran at t+jitter+1 s
+    unfrozen = len(gc.get_objects())
     await scheduler.stop(2.0)
     stop_wall = time.perf_counter() - wall_stop
 
@@ -201,11 +183,10 @@ async def _measure(
     if gc_watch.full:
         worst_gc = sorted(gc_watch.full, key=lambda pair: -pair[1])[:3]
         line("longest generation-2 collections", ", ".join(f"{pause * 1000:.0f} ms at t+{at - perf_started:.1f} s" for at, pause in worst_gc))
-    unfrozen = len(gc.get_objects())
     line("GC-tracked objects at the end of the window",
-         f"{unfrozen + gc.get_freeze_count()} ({unfrozen} not frozen, which full collections traverse)")
-    if gc_freeze:
-        gc.unfreeze()
+         f"{unfrozen + frozen_end} ({frozen_end} frozen, incl. the Scheduler's re-freeze after the first jitter window; "
+         f"{unfrozen} not frozen, which full collections traverse)")
+    gc.unfreeze()  # the stopped probes are garbage now; the next kind starts from a collectable heap
     outcomes: Counter[str] = Counter()
     for record in store.records():
         outcomes["ok"] += record.runs["success"]
@@ -215,7 +196,7 @@ async def _measure(
     line("Scheduler.stop(grace=2s)", f"{stop_wall:.2f} s")
 
 
-def run(kinds: tuple[str, ...], count: int, interval: float, duration: float, ssl_mode: str, gc_freeze: bool = False) -> None:
+def run(kinds: tuple[str, ...], count: int, interval: float, duration: float) -> None:
     heading(f"2. Scheduler lateness: {count} probes every {interval:g} s, jitter {interval:g} s, {duration:g} s per kind")
     log_dir = Path(tempfile.mkdtemp(prefix="canary-bench-lateness-"))
     log_file = log_dir / "scheduler.log"
@@ -223,23 +204,17 @@ def run(kinds: tuple[str, ...], count: int, interval: float, duration: float, ss
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().handlers[:] = [handler]
     logging.getLogger().setLevel(logging.INFO)
-    if ssl_mode == "shared":
-        _share_ssl_contexts()
-    if gc_freeze:
-        note("what-if run: the benchmark calls gc.freeze() after Scheduler.apply (the product does not)")
     with Children() as children:
         for kind in kinds:
             if kind == "noop":
                 print("  (a) no-op probes (Probe subclass whose run returns Result.ok()):", flush=True)
-                run_uvloop(_measure(kind, count, interval, duration, None, None, gc_freeze))
+                run_uvloop(_measure(kind, count, interval, duration, None, None))
             else:
                 target_proc, base_url = start_target(children)
                 print(f"  (b) HttpProbes (api-health settings, fresh connection) against {base_url}/health "
-                      f"(target pid {target_proc.pid}); SSL context: {ssl_mode}"
-                      f"{' [what-if: HttpProbe._ssl_context patched in this process]' if ssl_mode == 'shared' else ' (as shipped)'}:",
-                      flush=True)
+                      f"(target pid {target_proc.pid}), as shipped:", flush=True)
                 try:
-                    run_uvloop(_measure(kind, count, interval, duration, base_url, target_proc.pid, gc_freeze))
+                    run_uvloop(_measure(kind, count, interval, duration, base_url, target_proc.pid))
                 finally:
                     children.stop(target_proc)
             gc.collect()

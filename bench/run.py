@@ -7,9 +7,8 @@
     python bench/run.py all         # every part, each in its own process
     add --quick for short versions (e.g. lateness runs 20 s instead of 2 min)
 
-The lateness part with HttpProbes as shipped first spends ~3 minutes and ~8 GB building 10,000 probes (one
-ssl.create_default_context each); `--probes N` shrinks it. `--ssl-context shared` and `--gc-freeze` are
-what-if runs that patch or tune this process only, to measure a proposed change before making it.
+The lateness part measures the product as shipped (shared TLS contexts from probes.http.tls_context, the
+Scheduler's own gc.freeze() after apply and after the first jitter window); `--probes N` shrinks it.
 
 Run it with the project's virtualenv interpreter (e.g. /tmp/venv/bin/python bench/run.py all): the `probe`
 executable is looked up beside sys.executable. Everything it starts listens on, and targets, 127.0.0.1 only;
@@ -39,15 +38,6 @@ def _parser() -> argparse.ArgumentParser:
     lateness.add_argument("--probes", type=int, default=10_000, help="probes to schedule (default 10000)")
     lateness.add_argument("--interval", type=float, default=10.0, help="seconds between runs of each probe (default 10)")
     lateness.add_argument("--duration", type=float, default=None, help="seconds to run each kind (default 120, --quick 20)")
-    lateness.add_argument(
-        "--ssl-context", choices=("per-probe", "shared"), default="per-probe",
-        help="per-probe: HttpProbe as shipped (one ssl.create_default_context per probe); shared: a what-if that "
-             "patches HttpProbe._ssl_context in this process to reuse one context (default per-probe)",
-    )
-    lateness.add_argument(
-        "--gc-freeze", action="store_true",
-        help="what-if: call gc.freeze() after Scheduler.apply, so full collections skip the long-lived probe objects",
-    )
     scrape = parser.add_argument_group("scrape")
     scrape.add_argument("--scrapes", type=int, default=None, help="timed scrapes (default 20, --quick 5)")
     return parser
@@ -101,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
         duration = args.duration if args.duration is not None else (20.0 if args.quick else 120.0)
         kinds = ("noop", "http") if args.kind == "both" else (args.kind,)
-        lateness.run(kinds, args.probes, args.interval, duration, args.ssl_context, args.gc_freeze)
+        lateness.run(kinds, args.probes, args.interval, duration)
     elif args.part == "scrape":
         import scrape
 
