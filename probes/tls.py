@@ -1,11 +1,8 @@
 """`tls` probe: a TLS handshake, timed apart from TCP connect, judged on trust, host name and days to expiry.
 
-The runbooks check certificates before they expire; this probe exports the certificate's notAfter as
-`canary_probe_tls_certificate_expiry_timestamp_seconds`, so alerts can also be written on the figure itself.
-
-Only the leaf (the server's own certificate) is read: Python 3.11's ssl module exposes the peer's chain
-only from 3.13 on (`get_verified_chain`). An expired intermediate still fails verification, so it is
-caught as `tls`; only an intermediate that expires *soon* goes unseen.
+The runbooks check certificates before they expire; this probe exports the earliest notAfter of the
+served chain (leaf and intermediates) as `canary_probe_tls_certificate_expiry_timestamp_seconds`, so alerts
+can also be written on the figure itself.
 
 When verification fails, a second handshake that verifies nothing reads the certificate's dates anyway,
 so an expired or untrusted certificate still reports when it expires.
@@ -87,7 +84,7 @@ class TlsProbe(Probe[TlsSettings]):
 
     def _judge(self, ssl_object: ssl.SSLObject) -> Result:
         version = ssl_object.version() or "unknown"
-        not_after = leaf_not_after(ssl_object)
+        not_after = chain_not_after(ssl_object)
         gauges = [Gauge("tls_protocol_version", _version_number(version),
                         "TLS protocol version negotiated (1.2, 1.3; 0 when unknown).")]
         if not_after is None:
@@ -96,7 +93,7 @@ class TlsProbe(Probe[TlsSettings]):
         gauges.append(_expiry_gauge(not_after))
         days = (not_after - time.time()) / _DAY
         limit = self.settings.min_days_remaining
-        summary = f"{version}, certificate of {self._server_name} valid until {_iso(not_after)}"
+        summary = f"{version}, certificate chain of {self._server_name} valid until {_iso(not_after)}"
         if days < 0:
             return Result.fail("expiry", f"{summary}: expired {-days:.1f} days ago", gauges=tuple(gauges))
         if days < limit:
@@ -124,12 +121,51 @@ class TlsProbe(Probe[TlsSettings]):
         except (OSError, TimeoutError):
             return None
         try:
-            return leaf_not_after(writer.get_extra_info("ssl_object"))
+            return chain_not_after(writer.get_extra_info("ssl_object"))
         finally:
             await close_writer(writer)
 
     def _where(self) -> str:
         return f"{self.settings.host}:{self.settings.port}"
+
+
+def chain_not_after(ssl_object: ssl.SSLObject) -> float | None:
+    """The earliest notAfter of the peer's certificate chain as a Unix time (the leaf's alone where the chain
+    cannot be read): an intermediate that expires first breaks the site just as surely as the leaf.
+
+    Python 3.13 exposes the chain as `get_verified_chain()`/`get_unverified_chain()`; 3.10-3.12 have the same
+    methods on the SSL object's `_sslobj`. A chain that failed verification is only available unverified.
+    """
+    times = [t for t in (_not_after(cert) for cert in _peer_chain(ssl_object)) if t is not None]
+    if times:
+        return min(times)
+    return leaf_not_after(ssl_object)
+
+
+def _peer_chain(ssl_object: ssl.SSLObject) -> list[object]:
+    for owner in (ssl_object, getattr(ssl_object, "_sslobj", None)):
+        for method in ("get_verified_chain", "get_unverified_chain"):
+            getter = getattr(owner, method, None)
+            if getter is None:
+                continue
+            try:
+                chain = getter()
+            except (ssl.SSLError, ValueError):
+                continue
+            if chain:
+                return list(chain)
+    return []
+
+
+def _not_after(cert: object) -> float | None:
+    """notAfter of one chain entry: DER bytes (3.13) or an `_ssl.Certificate` (3.10-3.12)."""
+    if isinstance(cert, (bytes, bytearray)):
+        return _der_not_after(bytes(cert))
+    get_info = getattr(cert, "get_info", None)
+    info = get_info() if get_info is not None else None
+    if isinstance(info, dict) and "notAfter" in info:
+        return float(ssl.cert_time_to_seconds(info["notAfter"]))
+    return None
 
 
 def leaf_not_after(ssl_object: ssl.SSLObject) -> float | None:
@@ -142,8 +178,10 @@ def leaf_not_after(ssl_object: ssl.SSLObject) -> float | None:
     if parsed and "notAfter" in parsed:
         return float(ssl.cert_time_to_seconds(parsed["notAfter"]))
     der = ssl_object.getpeercert(binary_form=True)
-    if not der:
-        return None
+    return _der_not_after(der) if der else None
+
+
+def _der_not_after(der: bytes) -> float | None:
     try:
         from cryptography import x509
     except ImportError:
@@ -153,7 +191,7 @@ def leaf_not_after(ssl_object: ssl.SSLObject) -> float | None:
 
 def _expiry_gauge(not_after: float) -> Gauge:
     return Gauge("tls_certificate_expiry_timestamp_seconds", not_after,
-                 "When the server's (leaf) certificate expires, as a Unix time.")
+                 "When the first certificate of the server's chain expires, as a Unix time.")
 
 
 def _version_number(version: str) -> float:

@@ -234,3 +234,17 @@ def test_settings_load_from_toml_with_defaults(tmp_path: Path) -> None:
 def test_settings_reject_bad_values(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         TlsSettings(name="cert", channel="tls", host="h", **bad)
+
+
+async def test_the_chain_s_earliest_expiry_counts_not_only_the_leaf(serve: Serve, ca: tuple[trustme.CA, str]) -> None:
+    # The leaf outlives its intermediate: the site breaks when the intermediate expires, so that date is exported.
+    authority, ca_file = ca
+    intermediate = authority.create_child_ca()
+    leaf = intermediate.issue_cert("127.0.0.1", not_after=datetime(3005, 1, 1, tzinfo=timezone.utc))
+    served = [x509.load_pem_x509_certificate(pem.bytes()).not_valid_after_utc.timestamp() for pem in leaf.cert_chain_pems]
+    assert served[0] > min(served)  # the leaf is not the first to expire
+    for verify in (True, False):
+        result = await _run(_settings(await serve(leaf), ca_file=ca_file, verify=verify))
+        assert result.success, result.message
+        assert _gauge(result, "tls_certificate_expiry_timestamp_seconds") == min(served)
+        assert "valid until 3000-01-01" in result.message
