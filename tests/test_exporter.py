@@ -203,3 +203,15 @@ def test_only_warning_severity_probes_carry_a_severity_label() -> None:
     parsed = samples(text_of(store, exposition))
     assert value(parsed, "canary_probe_success", probe="form", channel="web_form", type="plain") == 1
     assert value(parsed, "canary_probe_success", probe="queue", channel="kafka", type="plain", severity="warning") == 0
+
+
+def test_history_is_kept_in_a_form_the_garbage_collector_stops_tracking() -> None:
+    import gc
+
+    store, _ = build([plain("form")])
+    store.record("form", Result.fail("status", "HTTP 500"), 5.0)
+    gc.collect()
+    record = store.get("form")
+    assert record is not None and not gc.is_tracked(record._history[0])
+    [entry] = record.history
+    assert (entry.wall_time, entry.success, entry.reason, entry.message) == (5.0, False, "status", "HTTP 500")
