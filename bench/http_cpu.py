@@ -93,7 +93,7 @@ def _health_settings(name: str, base_url: str):  # type: ignore[no-untyped-def]
 async def _canary(base_url: str, n: int, concurrency: int, variant: str) -> Measure:
     """variant: full (run_once + store.record + exposition render + lateness observe), run_once, probe_run."""
     from canary.config import DEFAULT_BUCKETS
-    from canary.phases import PhaseTimer
+    from canary.contract import PhaseTimer
     from canary.runner import run_once
     from canary.scrub import Scrubber
     from canary.state import ResultStore

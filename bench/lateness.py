@@ -2,7 +2,7 @@
 
 Lateness is what the Scheduler hands its observer: how long after its slot each run started. The observer
 here records every value (and forwards it to the daemon's own DaemonMetrics, as `probe run` does).
-The product is measured as shipped: HttpProbes share TLS contexts (probes.http.tls_context) and
+The product is measured as shipped: HttpProbes share TLS contexts (probes.transport.client_tls_context) and
 Scheduler.apply freezes the heap itself (gc.freeze() after starting the probes and after the first jitter window).
 """
 
@@ -67,8 +67,7 @@ class GcWatch:
 
 
 def _noop_probe_type():  # type: ignore[no-untyped-def]
-    from canary.result import Result
-    from probes.base import Probe, ProbeSettings
+    from canary.contract import Probe, ProbeSettings, Result
 
     class NoopProbe(Probe[ProbeSettings]):
         settings_model = ProbeSettings
@@ -88,7 +87,6 @@ async def _measure(
     from canary.state import ResultStore
     from exporter.exposition import ProbeExposition
     from exporter.self_metrics import DaemonMetrics
-    from probes.base import ProbeSettings
     from probes.http import HttpProbe, HttpSettings
 
     loop = asyncio.get_running_loop()

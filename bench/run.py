@@ -7,7 +7,7 @@
     python bench/run.py all         # every part, each in its own process
     add --quick for short versions (e.g. lateness runs 20 s instead of 2 min)
 
-The lateness part measures the product as shipped (shared TLS contexts from probes.http.tls_context, the
+The lateness part measures the product as shipped (shared TLS contexts from probes.transport.client_tls_context, the
 Scheduler's own gc.freeze() after apply and after the first jitter window); `--probes N` shrinks it.
 
 Run it with the project's virtualenv interpreter (e.g. /tmp/venv/bin/python bench/run.py all): the `probe`

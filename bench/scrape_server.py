@@ -32,7 +32,7 @@ STAGES: dict[str, float] = {"imports (python + aiohttp + prometheus_client)": rs
 from aiohttp import web  # noqa: E402
 
 from canary.config import DEFAULT_BUCKETS  # noqa: E402
-from canary.result import Gauge, Result  # noqa: E402
+from canary.contract import Gauge, Result  # noqa: E402
 from canary.state import ResultStore  # noqa: E402
 from exporter.exposition import ProbeExposition  # noqa: E402
 from exporter.self_metrics import DaemonMetrics  # noqa: E402

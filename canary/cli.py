@@ -14,6 +14,7 @@ from typing import Any, Coroutine, Sequence
 
 from canary import __version__
 from canary.config import Config, ConfigError, load_config
+from canary.contract import parse_host_port
 from probes import PROBE_TYPES, build_probe
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -33,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = commands.add_parser("run", parents=[common], help="run the daemon: schedule probes and serve /metrics")
-    run.add_argument("--listen", help="address to serve on, HOST:PORT (overrides [daemon].listen)")
+    run.add_argument("--listen", type=_listen_address, help="address to serve on, HOST:PORT (overrides [daemon].listen)")
 
     check = commands.add_parser("check-config", parents=[common], help="validate a config file and exit")
     check.add_argument("path", nargs="?", help="config file to check")
@@ -41,8 +42,17 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("list", parents=[common], help="list the configured probes")
 
     sandbox = commands.add_parser("sandbox", help="serve the bundled stand-in platform for demos and tests")
-    sandbox.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT (default 127.0.0.1:8000)")
+    sandbox.add_argument("--listen", type=_listen_address, default="127.0.0.1:8000", help="HOST:PORT (default 127.0.0.1:8000)")
     return parser
+
+
+def _listen_address(text: str) -> str:
+    """argparse's check of a --listen value: a bad one is a usage error (exit 2) that names the flag."""
+    try:
+        parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,6 +107,7 @@ def _list(config: Config) -> int:
 
 def _once(config: Config, args: argparse.Namespace) -> int:
     from canary.once import all_passed, as_json, as_junit, as_table, run_all, select
+    from canary.scheduler import ProbeBuildError
 
     from canary.daemon import configure_logging
 
@@ -107,7 +118,11 @@ def _once(config: Config, args: argparse.Namespace) -> int:
         wanted = f" matching {', '.join(only)}" if only else ""
         print(f"no probes{wanted} in {config.path}", file=sys.stderr)
         return EXIT_USAGE
-    outcomes = _run_async(run_all(config, selected, build_probe))
+    try:
+        outcomes = _run_async(run_all(config, selected, build_probe))
+    except ProbeBuildError as exc:
+        print(f"config error:\n{config.path}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     report = {"json": as_json, "junit": as_junit, "table": as_table}[args.format](outcomes)
     if args.output:
         Path(args.output).write_text(report + ("" if report.endswith("\n") else "\n"), encoding="utf-8")
@@ -123,8 +138,8 @@ def _sandbox(listen: str) -> int:
 
     from canary.sandbox import build_sandbox_app
 
-    host, _, port = listen.rpartition(":")
-    web.run_app(build_sandbox_app(), host=host or "127.0.0.1", port=int(port), print=lambda msg: print(f"sandbox platform on http://{listen}", flush=True), access_log=None)
+    host, port = parse_host_port(listen)
+    web.run_app(build_sandbox_app(), host=host or None, port=port, print=lambda msg: print(f"sandbox platform on http://{listen}", flush=True), access_log=None)
     return EXIT_OK
 
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from canary.scrub import Scrubber
-from probes.base import Duration, Probe, ProbeSettings, StaticLabels
+from canary.contract import Duration, HostPort, Probe, ProbeSettings, StaticLabels, parse_host_port
 
 DEFAULT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0)
 _VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
@@ -29,7 +29,7 @@ class DaemonSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    listen: str = Field(default="127.0.0.1:9465", pattern=r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]*):\d{1,5}$")
+    listen: HostPort = "127.0.0.1:9465"
     interval: Duration = 30.0
     timeout: Duration = 10.0
     jitter: Duration = 10.0
@@ -47,8 +47,7 @@ class DaemonSettings(BaseModel):
         return buckets
 
     def listen_host_port(self) -> tuple[str, int]:
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]") or "0.0.0.0", int(port)
+        return parse_host_port(self.listen)
 
 
 @dataclass(frozen=True)

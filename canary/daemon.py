@@ -14,13 +14,13 @@ from typing import Callable, Mapping
 from aiohttp import web
 
 from canary.config import Config, ConfigError, load_config
-from canary.scheduler import Scheduler
+from canary.scheduler import ProbeBuildError, Scheduler
 from canary.scrub import Scrubber, ScrubbingFilter
 from canary.state import ResultStore
 from exporter.exposition import ProbeExposition
 from exporter.self_metrics import DaemonMetrics
 from exporter.server import ExporterSources, build_exporter_app
-from probes.base import Probe, ProbeSettings
+from canary.contract import Probe, ProbeSettings, parse_host_port
 
 log = logging.getLogger("canary.daemon")
 
@@ -54,6 +54,7 @@ class Daemon:
         self._listen = listen or config.daemon.listen
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[bool]] = set()  # reloads started by SIGHUP, referenced until done
         self._ready = False
         self.metrics = DaemonMetrics()
         self.store = ResultStore(config.daemon.latency_buckets, config.daemon.history)
@@ -62,16 +63,21 @@ class Daemon:
         self._scrub_filter = configure_logging(config.daemon.log_level, config.scrubber())
 
     async def serve(self) -> int:
+        """Run until SIGTERM/SIGINT; the exit code: 0 stopped, 1 cannot listen, 2 a probe could not be built."""
         scheduler = Scheduler(self.store, self._build_probe, self.metrics)
-        await self._apply(self.config, scheduler)
+        try:
+            await self._apply(self.config, scheduler)
+        except ProbeBuildError as exc:
+            log.error("%s: %s", self.config.path, exc)
+            return 2
         self.metrics.config_loaded(True, len(self.config.probes))
 
         app = build_exporter_app(ExporterSources(self.store, self.exposition, self.metrics, lambda: self._ready))
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        host, _, port = self._listen.rpartition(":")
+        host, port = parse_host_port(self._listen)
         try:
-            await web.TCPSite(runner, host.strip("[]") or None, int(port), shutdown_timeout=1.0).start()
+            await web.TCPSite(runner, host or None, port, shutdown_timeout=1.0).start()
         except OSError as exc:
             log.error("cannot listen on %s: %s", self._listen, exc.strerror or exc)
             await scheduler.stop(0)
@@ -79,9 +85,9 @@ class Daemon:
             return 1
 
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload(scheduler)))
+        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background, scheduler)
         for stop_signal in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(stop_signal, self._stop.set)
+            loop.add_signal_handler(stop_signal, self._on_stop_signal, scheduler)
         self._ready = True
         log.info(
             "channel-canary serving on http://%s (%d probes from %s)", self._listen, len(self.config.probes), self.config.path
@@ -98,26 +104,44 @@ class Daemon:
         log.info("stopped")
         return 0
 
+    def _reload_in_background(self, scheduler: Scheduler) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload(scheduler), name="reload")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _on_stop_signal(self, scheduler: Scheduler) -> None:
+        """The first SIGTERM stops gracefully; a second one during the grace cancels every run at once."""
+        if self._stop.is_set():
+            log.warning("second stop signal: cancelling the runs still in flight")
+            scheduler.hurry()
+        self._stop.set()
+
     async def reload(self, scheduler: Scheduler) -> bool:
         async with self._reload_lock:
             try:
                 config = load_config(self.config.path, self._probe_types)
-            except ConfigError as exc:
+                await self._apply(config, scheduler)
+            except (ConfigError, ProbeBuildError) as exc:
                 self.metrics.config_loaded(False)
-                log.error("config reload failed; the last good config keeps running:\n%s", exc)
+                where = "" if isinstance(exc, ConfigError) else f"{self.config.path}: "
+                log.error("config reload failed; the last good config keeps running:\n%s%s", where, exc)
                 return False
-            await self._apply(config, scheduler)
             self.config = config
             self.metrics.config_loaded(True, len(config.probes))
             log.info("config reloaded: %d probes", len(config.probes))
             return True
 
     async def _apply(self, config: Config, scheduler: Scheduler) -> None:
+        """Switch to `config`, or raise ProbeBuildError having changed nothing.
+
+        The scheduler builds every new probe before it stops any old one; the store and the exposition follow only
+        once it has switched (with no await in between, so no new run can record before its record exists)."""
         daemon = config.daemon
+        await scheduler.apply(config.probes, daemon.jitter, config.scrubber())
         self._scrub_filter.scrubber = config.scrubber()
+        logging.getLogger().setLevel(daemon.log_level.upper())
         self.store.sync(config.probes, daemon.latency_buckets, daemon.history)
         self.exposition.configure(daemon.labels, daemon.latency_buckets)
-        await scheduler.apply(config.probes, daemon.jitter, config.scrubber())
         if daemon.listen != self.config.daemon.listen:
             log.warning("the listen address changed to %s; it takes effect on restart", daemon.listen)
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from canary.config import Config
-from canary.result import Result
+from canary.contract import Probe, ProbeSettings, Result
 from canary.runner import run_once
-from probes.base import Probe, ProbeSettings
+from canary.scheduler import ProbeBuildError
 
 
 @dataclass(frozen=True)
@@ -40,16 +40,23 @@ def select(probes: Iterable[ProbeSettings], only: list[str]) -> list[ProbeSettin
 async def run_all(
     config: Config, probes: list[ProbeSettings], build_probe: Callable[[ProbeSettings], Probe]
 ) -> list[Outcome]:
+    """Every probe once, concurrently. Raises ProbeBuildError, before anything ran, when one cannot be built."""
     scrub = config.scrubber()
+    built: list[tuple[ProbeSettings, Probe]] = []
+    for settings in probes:
+        try:
+            built.append((settings, build_probe(settings)))
+        except Exception as exc:  # noqa: BLE001 - reported as a config problem, like the daemon does
+            await asyncio.gather(*(probe.close() for _, probe in built), return_exceptions=True)
+            raise ProbeBuildError(settings.name, scrub(f"{type(exc).__name__}: {exc}")) from None
 
-    async def one(settings: ProbeSettings) -> Outcome:
-        probe = build_probe(settings)
+    async def one(settings: ProbeSettings, probe: Probe) -> Outcome:
         try:
             return Outcome(settings, await run_once(probe, settings.timeout or 10.0, scrub))
         finally:
             await probe.close()
 
-    return list(await asyncio.gather(*(one(settings) for settings in probes)))
+    return list(await asyncio.gather(*(one(settings, probe) for settings, probe in built)))
 
 
 def as_json(outcomes: list[Outcome]) -> str:

@@ -11,11 +11,8 @@ import logging
 from dataclasses import replace
 from time import perf_counter
 
-from canary.durations import format_duration
-from canary.phases import PhaseTimer
-from canary.result import Result
+from canary.contract import format_duration, PhaseTimer, Probe, Result
 from canary.scrub import Scrubber
-from probes.base import Probe
 
 log = logging.getLogger("canary.runner")
 MAX_MESSAGE_LENGTH = 500

@@ -18,13 +18,24 @@ from typing import Callable, Protocol
 from canary.runner import run_once
 from canary.scrub import Scrubber
 from canary.state import ResultStore
-from probes.base import Probe, ProbeSettings
+from canary.contract import Probe, ProbeSettings
 
 log = logging.getLogger("canary.scheduler")
 # A slot missed by less than this when a probe starts is run at once (late), not pushed a whole interval on.
 JOIN_TOLERANCE = 0.5
 # The longest the garbage collector rests while newly started probes make their first run (see `apply`).
 FIRST_ROUND_GC_PAUSE = 30.0
+# How long a cancelled probe task and a probe's close() may take before they are abandoned: a stop or a
+# reload must finish even when a probe (or a library under it) does not let go.
+STOP_TIMEOUT = 5.0
+
+
+class ProbeBuildError(Exception):
+    """A probe of a new config could not be built; nothing was changed."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        self.name = name
+        super().__init__(f"probe {name!r} could not be built: {detail}")
 
 
 class SchedulerObserver(Protocol):
@@ -61,6 +72,8 @@ class _Running:
     probe: Probe
     task: asyncio.Task[None]
     in_run: bool = False
+    retired: bool = False  # stopped by a reload or a stop: it must not start another run
+    abandoned: bool = False  # would not stop when cancelled: whatever it still produces is discarded
 
 
 class Scheduler:
@@ -80,31 +93,37 @@ class Scheduler:
         self._jitter = 0.0
         self._stopping = False
         self._refreeze: asyncio.TimerHandle | None = None
+        self._stopping_tasks: list[_Running] = []
+        self._abandoned: set[asyncio.Task[None]] = set()  # tasks that would not stop: kept referenced, never awaited
 
     @property
     def probe_names(self) -> list[str]:
         return list(self._running)
 
     async def apply(self, probes: tuple[ProbeSettings, ...], jitter: float, scrub: Scrubber) -> None:
-        """Start, stop and restart probe tasks so that exactly `probes` run. Unchanged probes keep their slots."""
-        if self._refreeze is not None:
-            self._refreeze.cancel()
-            gc.enable()
-        self._scrub = scrub
+        """Start, stop and restart probe tasks so that exactly `probes` run. Unchanged probes keep their slots.
+
+        All-or-nothing: every new or changed probe is built before any running one is touched, so when one cannot
+        be built this raises ProbeBuildError and the running set is exactly as it was."""
         jitter_changed = jitter != self._jitter
-        self._jitter = jitter
         wanted = {settings.name: settings for settings in probes}
         stale = [
             name for name, running in self._running.items()
             if jitter_changed or wanted.get(name) != running.settings
         ]
+        built = await self._build_all([settings for name, settings in wanted.items()
+                                       if name not in self._running or name in stale], scrub)
+        if self._refreeze is not None:
+            self._refreeze.cancel()
+            gc.enable()
+        self._scrub = scrub
+        self._jitter = jitter
         if stale:
             # Let the probes this change replaces be collected. The collection below then walks the whole heap
             # once (~0.7 s with 10,000 HTTP probes): the price of a reload that changes probes, not of one that
             # changes nothing.
             gc.unfreeze()
         await self._stop_tasks([self._running.pop(name) for name in stale], grace=0.0)
-        built = [(settings, self._build_probe(settings)) for name, settings in wanted.items() if name not in self._running]
         if self._epoch is None:
             self._epoch = self._loop.time()
         for settings, probe in built:
@@ -121,6 +140,16 @@ class Scheduler:
             gc.disable()
             self._refreeze = self._loop.call_later(min(jitter, longest, FIRST_ROUND_GC_PAUSE) + 1.0, _end_first_round)
 
+    async def _build_all(self, wanted: list[ProbeSettings], scrub: Scrubber) -> list[tuple[ProbeSettings, Probe]]:
+        built: list[tuple[ProbeSettings, Probe]] = []
+        for settings in wanted:
+            try:
+                built.append((settings, self._build_probe(settings)))
+            except Exception as exc:  # noqa: BLE001 - any failure to build leaves the running set untouched
+                await asyncio.gather(*(self._close(probe, name.name) for name, probe in built))
+                raise ProbeBuildError(settings.name, scrub(f"{type(exc).__name__}: {exc}")) from None
+        return built
+
     async def _loop_probe(self, running: _Running) -> None:
         settings = running.settings
         interval = settings.interval or 30.0
@@ -130,7 +159,7 @@ class Scheduler:
         slot = (self._epoch or now) + stable_offset(settings.name, min(self._jitter, interval))
         if slot < now - JOIN_TOLERANCE:  # started by a reload: join the grid at the next free slot
             slot += ((now - slot) // interval + 1) * interval
-        while not self._stopping:
+        while not (self._stopping or running.retired):
             delay = slot - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -141,6 +170,8 @@ class Scheduler:
                 result = await run_once(running.probe, timeout, self._scrub)
             finally:
                 running.in_run = False
+            if running.abandoned:  # it ignored its cancellation; a newer task may own this name now
+                return
             try:
                 self._note_transition(settings, result)
                 self._store.record(settings.name, result, time.time(), lateness)
@@ -164,7 +195,7 @@ class Scheduler:
             )
 
     async def stop(self, grace: float) -> None:
-        """Let runs in flight finish for up to `grace` seconds, then cancel what is left."""
+        """Let runs in flight finish for up to `grace` seconds, then cancel what is left (see `hurry`)."""
         self._stopping = True
         if self._refreeze is not None:
             self._refreeze.cancel()
@@ -173,20 +204,42 @@ class Scheduler:
         self._running.clear()
         await self._stop_tasks(running, grace)
 
+    def hurry(self) -> None:
+        """Cancel every task a stop is still waiting for, at once (a second SIGTERM)."""
+        for item in self._stopping_tasks:
+            item.task.cancel()
+
     async def _stop_tasks(self, running: list[_Running], grace: float) -> None:
+        """Stop these tasks, bounded in time: after `grace`, cancel; after STOP_TIMEOUT more, abandon."""
         if not running:
             return
+        self._stopping_tasks = running
         for item in running:
+            item.retired = True
             if not item.in_run or grace <= 0:
                 item.task.cancel()
-        busy = [item.task for item in running if not item.task.done()]
+        busy = {item.task for item in running if not item.task.done()}
         if busy and grace > 0:
-            _, pending = await asyncio.wait(busy, timeout=grace)
-            for task in pending:
+            _, busy = await asyncio.wait(busy, timeout=grace)
+            for task in busy:
                 task.cancel()
-        await asyncio.gather(*(item.task for item in running), return_exceptions=True)
+        if busy:
+            _, stuck = await asyncio.wait(busy, timeout=STOP_TIMEOUT)
+            for item in running:
+                item.abandoned = item.task in stuck
+            for task in stuck:
+                log.warning("%s did not stop within %gs of being cancelled; abandoned", task.get_name(), STOP_TIMEOUT)
+                self._abandoned.add(task)
+                task.add_done_callback(self._abandoned.discard)
+        self._stopping_tasks = []
         for item in running:
-            try:
-                await item.probe.close()
-            except Exception as exc:  # noqa: BLE001 - closing one probe must not stop the others closing
-                log.warning("probe %s did not close cleanly: %s", item.settings.name, self._scrub(str(exc)))
+            if item.task.done() and not item.task.cancelled() and item.task.exception() is not None:
+                log.error("%s ended with %s", item.task.get_name(), self._scrub(repr(item.task.exception())))
+        await asyncio.gather(*(self._close(item.probe, item.settings.name) for item in running))
+
+    async def _close(self, probe: Probe, name: str) -> None:
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await probe.close()
+        except Exception as exc:  # noqa: BLE001 - closing one probe must not stop the others closing
+            log.warning("probe %s did not close cleanly: %s", name, self._scrub(f"{type(exc).__name__}: {exc}"))

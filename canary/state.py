@@ -11,8 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from canary.result import Result
-from probes.base import ProbeSettings
+from canary.contract import ProbeSettings, Result
 
 
 @dataclass(frozen=True, slots=True)

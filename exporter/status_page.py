@@ -11,7 +11,7 @@ from html import escape
 from typing import Any
 
 from canary import __version__
-from canary.durations import format_duration
+from canary.contract import format_duration
 from canary.state import ProbeRecord
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from probes.base import Probe, ProbeSettings
+from canary.contract import Probe, ProbeSettings
 from probes.gmail import GmailProbe
 from probes.http import HttpProbe
 from probes.kafka import KafkaProbe

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from canary.result import Check
+from canary.contract import Check
 from probes.jsonpath import is_missing, lookup, parse_path
 
 _CONDITION = re.compile(

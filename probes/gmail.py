@@ -33,12 +33,10 @@ from google.auth import exceptions as google_exceptions
 from google.oauth2.credentials import Credentials
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from canary import __version__
-from canary.phases import PhaseTimer
-from canary.result import Gauge, Result
-from canary.scrub import Scrubber
-from probes.base import Duration, Probe, ProbeSettings, SyntheticHeader, marker_headers
-from probes.http import client_error_result, http_url, read_limited, url_for_humans
+from canary.contract import (
+    Duration, Gauge, marker_headers, PhaseTimer, Probe, ProbeSettings, Result, Scrubber, SyntheticHeader, USER_AGENT,
+)
+from probes.transport import LazySession, client_error_result, http_url, read_limited, url_for_humans
 
 WATCH_LIFETIME = 7 * 86400.0
 """How long a Gmail watch lasts after users.watch; the renewal window must fit inside it."""
@@ -178,25 +176,15 @@ class GmailProbe(Probe[GmailSettings]):
 
     def __init__(self, settings: GmailSettings) -> None:
         super().__init__(settings)
-        self._session: aiohttp.ClientSession | None = None
         self._scrub = Scrubber(settings.secret_values())
         self._watch_expiry: float | None = None  # Unix seconds; learnt only by renewing
-        self._renew_headers = {"User-Agent": f"channel-canary/{__version__}"}
+        self._renew_headers = {"User-Agent": USER_AGENT}
         self._renew_headers.update({name: value.get_secret_value() for name, value in settings.renew_headers.items()})
         self._renew_headers.update(marker_headers(settings.synthetic_header))
-
-    def _ensure_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None),  # the runner owns the timeout
-                cookie_jar=aiohttp.DummyCookieJar(),
-                headers={"User-Agent": f"channel-canary/{__version__}"},
-            )
-        return self._session
+        self._sessions = LazySession(headers={"User-Agent": USER_AGENT})
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._sessions.close()
 
     async def run(self, timer: PhaseTimer) -> Result:
         gauges: list[Gauge] = []
@@ -259,7 +247,7 @@ class GmailProbe(Probe[GmailSettings]):
         url = f"{self.settings.gmail_api_url}/gmail/v1/users/me/profile"
         headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
         try:
-            async with self._ensure_session().get(url, headers=headers, allow_redirects=False) as response:
+            async with self._sessions.get().get(url, headers=headers, allow_redirects=False) as response:
                 body, error = await read_limited(response, _MAX_BODY_BYTES)
                 status = response.status
         except aiohttp.ClientError as exc:
@@ -317,7 +305,7 @@ class GmailProbe(Probe[GmailSettings]):
         url = self.settings.renew_url or ""
         shown = url_for_humans(url)
         try:
-            async with self._ensure_session().post(url, headers=self._renew_headers, allow_redirects=False) as response:
+            async with self._sessions.get().post(url, headers=self._renew_headers, allow_redirects=False) as response:
                 body, error = await read_limited(response, _MAX_BODY_BYTES)
                 status = response.status
         except aiohttp.ClientError as exc:

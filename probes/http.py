@@ -7,9 +7,7 @@ connector that marks when TCP is up, so TLS is timed apart from connect.
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import re
 import ssl
 from time import perf_counter
@@ -17,38 +15,26 @@ from types import SimpleNamespace
 from typing import Annotated, Any, Literal
 
 import aiohttp
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from yarl import URL
 
-from canary import __version__
-from canary.phases import PhaseTimer
-from canary.result import Check, Result
-from canary.scrub import Scrubber
-from probes.base import Probe, ProbeSettings, Regex, SyntheticHeader, marker_headers
+from canary.contract import (
+    USER_AGENT, Check, PhaseTimer, Probe, ProbeSettings, Regex, Result, Scrubber, SyntheticHeader, marker_headers,
+)
 from probes.jsonpath import is_missing, lookup, parse_path
+from probes.transport import (
+    CaFile, ExpectedStatuses, HttpUrl, client_error_result, client_tls_context, read_limited, secret_headers,
+    status_matches,
+)
 
 JsonScalar = str | int | float | bool | None
-SECRET_HEADER = re.compile(r"auth|token|key|secret|cookie|signature|session|password", re.IGNORECASE)
 _CHANNEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _MAX_CHANNELS = 32
 
 
-def _check_statuses(statuses: list[int | str]) -> list[int | str]:
-    for status in statuses:
-        if isinstance(status, int) and not 100 <= status <= 599:
-            raise ValueError(f"status {status} is not between 100 and 599")
-        if isinstance(status, str) and not re.fullmatch(r"[1-5]xx", status):
-            raise ValueError(f"{status!r} is neither a status code nor a class such as \"2xx\"")
-    return statuses
-
-
-ExpectedStatuses = Annotated[list[int | str], Field(min_length=1), AfterValidator(_check_statuses)]
-"""Status codes (200) and classes ("2xx") an answer may have."""
-
-
 class HttpSettings(ProbeSettings):
     type: Literal["http"] = "http"
-    url: str
+    url: HttpUrl
     method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] = "GET"
     headers: dict[str, str] = Field(default_factory=dict)
     body: str | None = None
@@ -63,16 +49,11 @@ class HttpSettings(ProbeSettings):
     max_redirects: int = Field(default=10, ge=1, le=50)
     allow_redirect_to_other_host: bool = False
     verify_tls: bool = True
-    ca_file: str | None = None
+    ca_file: CaFile | None = None
     fresh_connection: bool = True
     synthetic_header: SyntheticHeader = "X-Synthetic-Canary: 1"
     channel_map: str | None = None
     channel_up_values: list[str] = Field(default_factory=lambda: ["active", "healthy", "up", "ok", "true"])
-
-    @field_validator("url")
-    @classmethod
-    def _valid_url(cls, url: str) -> str:
-        return http_url(url)
 
     @field_validator("expect_json")
     @classmethod
@@ -96,50 +77,11 @@ class HttpSettings(ProbeSettings):
         return self
 
     def target(self) -> str:
-        return f"{self.method} {url_for_humans(self.url)}"
+        return f"{self.method} {self.url.for_humans()}"  # type: ignore[attr-defined]
 
     def secret_values(self) -> list[str]:
         # Credentials in headers (Authorization, API keys, cookies) are secrets too.
-        secrets = super().secret_values()
-        secrets += [value for name, value in self.headers.items() if SECRET_HEADER.search(name)]
-        password = URL(self.url).password
-        return secrets + ([password] if password else [])
-
-
-def tls_context(verify: bool, ca_file: str | None) -> ssl.SSLContext | bool:
-    """What aiohttp's `ssl=` takes. Contexts are shared: building one costs ~17 ms of CPU and ~800 KB, which
-    10,000 probes cannot each pay. `True` is aiohttp's own verifying context; one context per CA file."""
-    if not verify:
-        return False
-    if not ca_file:
-        return True
-    try:
-        changed = os.stat(ca_file).st_mtime_ns  # a rotated CA file gets a fresh context on the next reload
-    except OSError:
-        changed = 0
-    return _context_for_ca_file(ca_file, changed)
-
-
-@functools.lru_cache(maxsize=64)
-def _context_for_ca_file(ca_file: str, changed: int) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=ca_file)
-
-
-def url_for_humans(url: str) -> str:
-    """Scheme, host, port and path only: no credentials, query string or fragment in a message."""
-    try:
-        parsed = URL(url)
-        return str(parsed.with_user(None).with_password(None).with_query(None).with_fragment(None)) if parsed.host else url
-    except (ValueError, TypeError):
-        return "<invalid URL>"
-
-
-def http_url(url: str) -> str:
-    """`url` itself if it is an absolute http(s) URL; the ValueError every probe's settings report otherwise."""
-    parsed = URL(url)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"must be an absolute http:// or https:// URL, got {url_for_humans(url)!r}")
-    return url
+        return super().secret_values() + secret_headers(self.headers)
 
 
 class _OffHostRedirect(Exception):
@@ -182,8 +124,8 @@ class HttpProbe(Probe[HttpSettings]):
         self._channel_map = parse_path(settings.channel_map) if settings.channel_map else None
         self._body_regex = re.compile(settings.expect_body_regex) if settings.expect_body_regex else None
         self._body_not_regex = re.compile(settings.expect_body_not_regex) if settings.expect_body_not_regex else None
-        self._ssl: ssl.SSLContext | bool = tls_context(settings.verify_tls, settings.ca_file)
-        self._headers = {"User-Agent": f"channel-canary/{__version__}", **settings.headers}
+        self._ssl: ssl.SSLContext = client_tls_context(settings.verify_tls, settings.ca_file)
+        self._headers = {"User-Agent": USER_AGENT, **settings.headers}
         self._headers.update(marker_headers(settings.synthetic_header))
         self._url = URL(settings.url)
         self._scrub = Scrubber(settings.secret_values())  # before a shown value is cut, or a cut secret slips past
@@ -343,44 +285,3 @@ async def _on_reuse(session: Any, ctx: Any, params: Any) -> None:
 
 async def _on_headers_received(session: Any, ctx: Any, params: Any) -> None:
     ctx.trace_request_ctx.timer.end("first_byte")
-
-
-async def read_limited(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, str]:
-    declared = response.content_length
-    if declared is not None and declared > limit and response.method != "HEAD":  # HEAD declares a body it never sends
-        return b"", f"body of {declared} bytes is larger than max_body_bytes ({limit})"
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in response.content.iter_chunked(65536):
-            size += len(chunk)
-            if size > limit:
-                return b"", f"body is larger than max_body_bytes ({limit})"
-            chunks.append(chunk)
-    except aiohttp.ClientPayloadError as exc:
-        return b"", f"body could not be read: {exc}"
-    return b"".join(chunks), ""
-
-
-def status_matches(status: int, expected: list[int | str]) -> bool:
-    return any(status == want if isinstance(want, int) else str(status)[0] == want[0] for want in expected)
-
-
-def client_error_result(exc: aiohttp.ClientError) -> Result:
-    detail = str(exc) or type(exc).__name__
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return Result.fail("tls", f"certificate not accepted: {exc.certificate_error}")
-    if isinstance(exc, (aiohttp.ClientConnectorSSLError, aiohttp.ClientSSLError)):
-        return Result.fail("tls", f"TLS handshake failed: {detail}")
-    dns_error = getattr(aiohttp, "ClientConnectorDNSError", None)
-    if dns_error is not None and isinstance(exc, dns_error):
-        return Result.fail("dns", f"name did not resolve: {detail}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return Result.fail("connect", f"cannot connect: {exc.os_error.strerror or detail}")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return Result.fail("body", f"body could not be read: {detail}")
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
-        return Result.fail("connect", f"connection lost: {detail}")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return Result.fail("status", f"malformed answer: {detail}")
-    return Result.fail("connect", f"request failed: {type(exc).__name__}: {detail}")

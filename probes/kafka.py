@@ -21,9 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.cluster import ClusterMetadata
 from pydantic import Field
 
-from canary.phases import PhaseTimer
-from canary.result import Gauge, Result
-from probes.base import Duration, Probe, SyntheticHeader, marker_headers
+from canary.contract import Duration, Gauge, marker_headers, PhaseTimer, Probe, Result, SyntheticHeader
 from probes.kafka_common import KAFKA_ERRORS, KafkaSettings, TopicName, kafka_error_result, start_consumer, stop_quietly
 
 

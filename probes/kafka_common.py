@@ -11,12 +11,10 @@ from typing import Annotated, Any, Literal, Protocol
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka import errors as kafka_errors
-from aiokafka.helpers import create_ssl_context
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from canary import __version__
-from canary.result import Result
-from probes.base import ProbeSettings
+from canary.contract import USER_AGENT, ProbeSettings, Result, parse_host_port
+from probes.transport import CaFile, client_tls_context
 
 CLOSE_TIMEOUT = 2.0
 DEFAULT_TIMEOUT = 10.0
@@ -53,14 +51,17 @@ class KafkaSettings(ProbeSettings):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     sasl_plain_username: str | None = None
     sasl_plain_password: SecretStr | None = None
-    ssl_ca_file: str | None = None
+    ssl_ca_file: CaFile | None = None
 
     @field_validator("bootstrap_servers")
     @classmethod
     def _valid_servers(cls, servers: str) -> str:
         for server in servers.split(","):
-            host, sep, port = server.strip().rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            try:
+                host, _ = parse_host_port(server)
+            except ValueError:
+                host = ""
+            if not host:  # a client must name the broker it connects to
                 raise ValueError(f'must be comma-separated "host:port" pairs, got {server.strip()!r}')
         return servers
 
@@ -87,7 +88,7 @@ class KafkaSettings(ProbeSettings):
         request_ms = max(500, round(timeout * 1000 / 2))
         options: dict[str, Any] = {
             "bootstrap_servers": self.servers(),
-            "client_id": f"channel-canary/{__version__}",
+            "client_id": USER_AGENT,
             "request_timeout_ms": request_ms,
             "retry_backoff_ms": 100,
             "metadata_max_age_ms": 60_000,
@@ -95,7 +96,7 @@ class KafkaSettings(ProbeSettings):
             "security_protocol": self.security_protocol,
         }
         if self.security_protocol.endswith("SSL"):
-            options["ssl_context"] = create_ssl_context(cafile=self.ssl_ca_file)
+            options["ssl_context"] = client_tls_context(True, self.ssl_ca_file)
         if self.security_protocol.startswith("SASL_"):
             options["sasl_mechanism"] = self.sasl_mechanism
             options["sasl_plain_username"] = self.sasl_plain_username

@@ -18,9 +18,7 @@ from typing import Literal
 from aiokafka import TopicPartition
 from pydantic import Field
 
-from canary.phases import PhaseTimer
-from canary.result import Gauge, Result
-from probes.base import Probe
+from canary.contract import Gauge, PhaseTimer, Probe, Result
 from probes.kafka_common import KAFKA_ERRORS, KafkaSettings, TopicName, kafka_error_result, start_consumer
 
 

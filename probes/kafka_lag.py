@@ -34,9 +34,7 @@ from typing import Literal
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from canary.phases import PhaseTimer
-from canary.result import Gauge, Result
-from probes.base import Duration, Probe
+from canary.contract import Duration, Gauge, PhaseTimer, Probe, Result
 from probes.kafka_common import KAFKA_ERRORS, KafkaSettings, TopicName, kafka_error_result, start_consumer
 
 

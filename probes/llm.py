@@ -25,13 +25,10 @@ import aiohttp
 from pydantic import Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
-from canary import __version__
-from canary.durations import format_duration
-from canary.phases import PhaseTimer
-from canary.result import Gauge, Result
-from canary.scrub import Scrubber
-from probes.base import Duration, Probe, ProbeSettings
-from probes.http import client_error_result, read_limited
+from canary.contract import (
+    Duration, format_duration, Gauge, PhaseTimer, Probe, ProbeSettings, Result, Scrubber, USER_AGENT,
+)
+from probes.transport import LazySession, client_error_result, read_limited
 
 DEFAULT_BASE_URL = "https://api.groq.com/openai/v1"
 DEFAULT_MODEL = "meta-llama/llama-4-scout-17b-16e-instruct"
@@ -220,7 +217,6 @@ class LlmProbe(Probe[LlmSettings]):
 
     def __init__(self, settings: LlmSettings) -> None:
         super().__init__(settings)
-        self._session: aiohttp.ClientSession | None = None
         self._base = URL(settings.base_url)
         self._retry_at = 0.0  # monotonic time before which the provider asked not to be called
         self._retry_at_utc: datetime | None = None
@@ -228,23 +224,13 @@ class LlmProbe(Probe[LlmSettings]):
         self._scrub = Scrubber(settings.secret_values())
         self._headers = {
             "Authorization": f"Bearer {settings.api_key.get_secret_value()}",
-            "User-Agent": f"channel-canary/{__version__}",
+            "User-Agent": USER_AGENT,
             "X-Synthetic-Canary": "1",
         }
-
-    def _ensure_session(self) -> aiohttp.ClientSession:
-        # One session per probe: the models call opens the connection, so the completion phase times the model.
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None),  # the runner owns the timeout
-                cookie_jar=aiohttp.DummyCookieJar(),
-                headers=self._headers,
-            )
-        return self._session
+        self._sessions = LazySession(headers=self._headers)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._sessions.close()
 
     async def run(self, timer: PhaseTimer) -> Result:
         result = await self._run(timer)
@@ -256,7 +242,7 @@ class LlmProbe(Probe[LlmSettings]):
         waiting = self._retry_at - monotonic()
         if waiting > 0:
             return self._still_limited(waiting)
-        session = self._ensure_session()
+        session = self._sessions.get()
         try:
             with timer.phase("models"):
                 listed = await self._call(session, "GET", "models")

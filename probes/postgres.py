@@ -14,9 +14,7 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
-from canary.phases import PhaseTimer
-from canary.result import Gauge, Result
-from probes.base import Duration, Probe, ProbeSettings
+from canary.contract import Duration, Gauge, PhaseTimer, Probe, ProbeSettings, Result
 
 _HEALTH_SQL = """
 SELECT

@@ -19,9 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from yarl import URL
 
-from canary.phases import PhaseTimer
-from canary.result import Gauge, Result
-from probes.base import Duration, Probe, ProbeSettings
+from canary.contract import Duration, Gauge, PhaseTimer, Probe, ProbeSettings, Result
 
 _SCHEMES = ("redis", "rediss")
 _CLOSE_TIMEOUT = 2.0

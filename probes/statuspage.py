@@ -14,11 +14,8 @@ import aiohttp
 from pydantic import field_validator
 from yarl import URL
 
-from canary import __version__
-from canary.phases import PhaseTimer
-from canary.result import Gauge, Result
-from probes.base import Probe, ProbeSettings
-from probes.http import client_error_result, read_limited
+from canary.contract import Gauge, PhaseTimer, Probe, ProbeSettings, Result, USER_AGENT
+from probes.transport import LazySession, client_error_result, http_url, read_limited, url_for_humans
 
 STATUS_PATH = "/api/v2/status.json"
 # Statuspage's documented indicators, worst last. "maintenance" is undocumented but real (a scheduled window in
@@ -36,10 +33,7 @@ class StatuspageSettings(ProbeSettings):
     @field_validator("url")
     @classmethod
     def _valid_url(cls, url: str) -> str:
-        parsed = URL(url)
-        if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise ValueError("must be an absolute http:// or https:// URL such as https://groqstatus.com")
-        return url
+        return http_url(url)
 
     def status_url(self) -> URL:
         """The page's status.json: the URL itself if it names a .json file, else the page with the standard path."""
@@ -49,7 +43,7 @@ class StatuspageSettings(ProbeSettings):
         return parsed.with_path(parsed.path.rstrip("/") + STATUS_PATH)
 
     def target(self) -> str:
-        return f"GET {self.status_url().with_query(None)}"
+        return f"GET {url_for_humans(str(self.status_url()))}"
 
 
 class StatuspageProbe(Probe[StatuspageSettings]):
@@ -57,26 +51,16 @@ class StatuspageProbe(Probe[StatuspageSettings]):
 
     def __init__(self, settings: StatuspageSettings) -> None:
         super().__init__(settings)
-        self._session: aiohttp.ClientSession | None = None
         self._url = settings.status_url()
-
-    def _ensure_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None),  # the runner owns the timeout
-                cookie_jar=aiohttp.DummyCookieJar(),
-                headers={"User-Agent": f"channel-canary/{__version__}", "Accept": "application/json"},
-            )
-        return self._session
+        self._sessions = LazySession(headers={"User-Agent": USER_AGENT, "Accept": "application/json"})
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._sessions.close()
 
     async def run(self, timer: PhaseTimer) -> Result:
         try:
             with timer.phase("fetch"):
-                async with self._ensure_session().get(self._url) as response:
+                async with self._sessions.get().get(self._url) as response:
                     body, error = await read_limited(response, _MAX_BODY_BYTES)
                     status = response.status
         except aiohttp.ClientError as exc:

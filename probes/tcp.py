@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
-import ssl
 from typing import Literal
 
 from pydantic import Field
 
-from canary.phases import PhaseTimer
-from canary.result import Check, Result
-from probes.base import Probe, ProbeSettings, Regex
+from canary.contract import Check, PhaseTimer, Probe, ProbeSettings, Regex, Result
+from probes.transport import CaFile, client_tls_context, close_writer, connect_error_result
 
 _READ_CHUNK = 4096
-_CLOSE_TIMEOUT = 2.0
 _SHOWN_REPLY = 80
 
 
@@ -33,40 +29,11 @@ class TcpSettings(ProbeSettings):
     max_read_bytes: int = Field(default=4096, gt=0, le=1_048_576)
     tls: bool = False
     verify_tls: bool = True
-    ca_file: str | None = None
+    ca_file: CaFile | None = None
     server_name: str | None = None
 
     def target(self) -> str:
         return f"{'tls' if self.tls else 'tcp'} {self.host}:{self.port}"
-
-
-def client_tls_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
-    """A client context that verifies chain and host name, or, with verify off, accepts anything."""
-    context = ssl.create_default_context(cafile=ca_file)
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-async def close_writer(writer: asyncio.StreamWriter) -> None:
-    """Closes a connection without letting a peer that never answers the TLS close hold the run."""
-    writer.close()
-    try:
-        await asyncio.shield(asyncio.wait_for(writer.wait_closed(), _CLOSE_TIMEOUT))
-    except (Exception, asyncio.CancelledError):  # noqa: BLE001 - the socket is closed either way
-        pass
-
-
-def connect_error_result(exc: OSError, host: str, port: int) -> Result:
-    """Maps a failed connect (plain or TLS) onto the shared reasons."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return Result.fail("tls", f"certificate of {host}:{port} not accepted: {exc.verify_message or exc}")
-    if isinstance(exc, ssl.SSLError):
-        return Result.fail("tls", f"TLS handshake with {host}:{port} failed: {exc.reason or exc}")
-    if isinstance(exc, socket.gaierror):
-        return Result.fail("dns", f"{host} did not resolve: {exc.strerror or exc}")
-    return Result.fail("connect", f"cannot connect to {host}:{port}: {exc.strerror or exc}")
 
 
 class TcpProbe(Probe[TcpSettings]):

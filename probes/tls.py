@@ -18,10 +18,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from canary.phases import PhaseTimer
-from canary.result import Gauge, Result
-from probes.base import Probe, ProbeSettings
-from probes.tcp import client_tls_context, close_writer, connect_error_result
+from cryptography import x509
+
+from canary.contract import Gauge, PhaseTimer, Probe, ProbeSettings, Result
+from probes.transport import CaFile, client_tls_context, close_writer, connect_error_result
 
 _INSPECT_TIMEOUT = 3.0
 _DAY = 86400.0
@@ -44,7 +44,7 @@ class TlsSettings(ProbeSettings):
     port: int = Field(default=443, ge=1, le=65535)
     server_name: str | None = None
     verify: bool = True
-    ca_file: str | None = None
+    ca_file: CaFile | None = None
     min_days_remaining: float = Field(default=14, ge=0)
 
     def target(self) -> str:
@@ -85,11 +85,11 @@ class TlsProbe(Probe[TlsSettings]):
     def _judge(self, ssl_object: ssl.SSLObject) -> Result:
         version = ssl_object.version() or "unknown"
         not_after = chain_not_after(ssl_object)
-        gauges = [Gauge("tls_protocol_version", _version_number(version),
-                        "TLS protocol version negotiated (1.2, 1.3; 0 when unknown).")]
+        gauges = [Gauge("tls_version_info", 1, "The TLS version negotiated, as the version label.",
+                        (("version", _version_label(version)),))]
         if not_after is None:
-            return Result.fail("internal", "the certificate's dates could not be read (verify is off and the "
-                                           "cryptography package is not installed)", gauges=tuple(gauges))
+            return Result.fail("internal", "the server sent no certificate whose dates could be read",
+                               gauges=tuple(gauges))
         gauges.append(_expiry_gauge(not_after))
         days = (not_after - time.time()) / _DAY
         limit = self.settings.min_days_remaining
@@ -172,7 +172,7 @@ def leaf_not_after(ssl_object: ssl.SSLObject) -> float | None:
     """The leaf certificate's notAfter as a Unix time.
 
     A verified handshake hands the parsed certificate out; an unverified one only the DER bytes, which
-    need the `cryptography` package to read (it is optional: without it the dates stay unknown).
+    need the `cryptography` package to read.
     """
     parsed = ssl_object.getpeercert()
     if parsed and "notAfter" in parsed:
@@ -182,10 +182,6 @@ def leaf_not_after(ssl_object: ssl.SSLObject) -> float | None:
 
 
 def _der_not_after(der: bytes) -> float | None:
-    try:
-        from cryptography import x509
-    except ImportError:
-        return None
     return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
 
 
@@ -194,11 +190,12 @@ def _expiry_gauge(not_after: float) -> Gauge:
                  "When the first certificate of the server's chain expires, as a Unix time.")
 
 
-def _version_number(version: str) -> float:
-    try:
-        return float(version.removeprefix("TLSv"))
-    except ValueError:
-        return 0.0
+_KNOWN_VERSIONS = {"TLSv1": "TLS 1.0", "TLSv1.1": "TLS 1.1", "TLSv1.2": "TLS 1.2", "TLSv1.3": "TLS 1.3"}
+
+
+def _version_label(version: str) -> str:
+    """blackbox_exporter's `probe_tls_version_info` values ("TLS 1.3"); a bounded set, never free text."""
+    return _KNOWN_VERSIONS.get(version, "unknown")
 
 
 def _ssl_detail(exc: OSError) -> str:

@@ -21,13 +21,14 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from yarl import URL
 
-from canary import __version__
-from canary.durations import format_duration
-from canary.phases import PhaseTimer
-from canary.result import Check, Result
-from probes.base import Duration, Probe, ProbeSettings, SyntheticHeader, marker_headers
+from canary.contract import (
+    Check, Duration, format_duration, marker_headers, PhaseTimer, Probe, ProbeSettings, Result, SyntheticHeader, USER_AGENT,
+)
 from probes.conditions import Condition, parse_condition
-from probes.http import SECRET_HEADER, ExpectedStatuses, client_error_result, read_limited, status_matches
+from probes.transport import (
+    ExpectedStatuses, client_error_result, client_tls_context, http_url, new_session, read_limited, secret_headers,
+    status_matches, Url, url_for_humans,
+)
 from probes.jsonpath import is_missing, lookup, parse_path
 
 log = logging.getLogger("probes.transaction")
@@ -101,9 +102,7 @@ class TransactionSettings(ProbeSettings):
     @field_validator("base_url")
     @classmethod
     def _valid_base(cls, url: str) -> str:
-        if url and (URL(url).scheme not in ("http", "https") or not URL(url).host):
-            raise ValueError("must be an absolute http:// or https:// URL")
-        return url.rstrip("/")
+        return http_url(url.rstrip("/")) if url else url
 
     @model_validator(mode="after")
     def _consistent(self) -> "TransactionSettings":
@@ -130,17 +129,15 @@ class TransactionSettings(ProbeSettings):
 
     def target(self) -> str:
         first = self.steps[0]
-        return f"{len(self.steps)} steps from {first.method} {_without_query(self.base_url + first.url)}"
+        return f"{len(self.steps)} steps from {first.method} {url_for_humans(self.base_url + first.url)}"
 
     def secret_values(self) -> list[str]:
         found = super().secret_values()
         for headers in [self.headers, *(step.headers for step in [*self.steps, *self.cleanup])]:
-            found += [value for name, value in headers.items() if SECRET_HEADER.search(name)]
+            found += secret_headers(headers)
+        for step in [*self.steps, *self.cleanup]:  # an absolute step URL may carry credentials of its own
+            found += Url(step.url).secret_parts()
         return found
-
-
-def _without_query(url: str) -> str:
-    return url.split("?", 1)[0]
 
 
 class _StepFailed(Exception):
@@ -155,15 +152,12 @@ class TransactionProbe(Probe[TransactionSettings]):
         super().__init__(settings)
         self._conditions = {step.name: [parse_condition(c) for c in step.expect] for step in [*settings.steps, *settings.cleanup]}
         self._extracts = {step.name: {v: parse_path(p) for v, p in step.extract.items()} for step in settings.steps}
-        self._headers = {"User-Agent": f"channel-canary/{__version__}", **settings.headers}
+        self._headers = {"User-Agent": USER_AGENT, **settings.headers}
         self._headers.update(marker_headers(settings.synthetic_header))
 
     async def run(self, timer: PhaseTimer) -> Result:
         variables = {"run_id": secrets.token_hex(6), "timestamp": str(int(time.time()))}
-        connector = aiohttp.TCPConnector(ssl=None if self.settings.verify_tls else False, limit=4)
-        async with aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=None)
-        ) as session:
+        async with new_session(ssl_context=client_tls_context(self.settings.verify_tls, None)) as session:
             try:
                 result = await self._run_steps(session, timer, variables)
             except asyncio.CancelledError:

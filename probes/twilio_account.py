@@ -19,10 +19,8 @@ from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
 from yarl import URL
 
-from canary.phases import PhaseTimer
-from canary.result import Gauge, Result
-from probes.base import Probe, ProbeSettings
-from probes.http import url_for_humans, client_error_result
+from canary.contract import Gauge, PhaseTimer, Probe, ProbeSettings, Result
+from probes.transport import client_error_result, http_url
 
 _ACTIVE = "active"
 _GAUGE_HELP = "Whether the Twilio account's status is active (1) or suspended/closed (0)."
@@ -40,13 +38,12 @@ class TwilioSettings(ProbeSettings):
     @field_validator("api_url")
     @classmethod
     def _valid_url(cls, url: str) -> str:
-        parsed = URL(url)
-        if parsed.scheme not in ("http", "https") or not parsed.host or parsed.query_string:
-            raise ValueError(f"must be an http:// or https:// base URL without a query, got {url_for_humans(url)!r}")
-        return url.rstrip("/")
+        if URL(http_url(url)).query_string:
+            raise ValueError("must be a base URL without a query string")
+        return http_url(url.rstrip("/"))
 
     def target(self) -> str:
-        return f"twilio {url_for_humans(self.api_url)} account {self.account_sid}"
+        return f"twilio {self.api_url.for_humans()} account {self.account_sid}"  # type: ignore[attr-defined]
 
 
 class TwilioAccountProbe(Probe[TwilioSettings]):

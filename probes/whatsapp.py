@@ -22,18 +22,11 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from twilio.request_validator import SIGNATURE_HEADER, RequestValidator
 
-from canary.phases import PhaseTimer
-from canary.result import Check, Result
-from probes.base import Probe, ProbeSettings, SyntheticHeader, marker_headers
-from probes.http import (
-    SECRET_HEADER,
-    ExpectedStatuses,
-    http_url,
-    url_for_humans,
-    client_error_result,
-    read_limited,
-    status_matches,
-    tls_context,
+from canary.contract import Check, marker_headers, PhaseTimer, Probe, ProbeSettings, Result, SyntheticHeader
+from probes.transport import (
+    LazySession,
+    CaFile, ExpectedStatuses, HttpUrl, client_error_result, client_tls_context, http_url, new_session, read_limited,
+    secret_headers, status_matches,
 )
 
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -68,7 +61,7 @@ class WhatsAppCleanup(BaseModel):
 
 class WhatsAppSettings(ProbeSettings):
     type: Literal["whatsapp"] = "whatsapp"
-    url: str
+    url: HttpUrl
     public_url: str | None = None
     auth_token: SecretStr
     account_sid: str = Field(pattern=_ACCOUNT_SID)
@@ -81,14 +74,9 @@ class WhatsAppSettings(ProbeSettings):
     headers: dict[str, str] = Field(default_factory=dict)
     synthetic_header: SyntheticHeader = "X-Synthetic-Canary: 1"
     verify_tls: bool = True
-    ca_file: str | None = None
+    ca_file: CaFile | None = None
     max_body_bytes: int = Field(default=65_536, gt=0)
     cleanup: WhatsAppCleanup | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _valid_url(cls, url: str) -> str:
-        return http_url(url)
 
     @field_validator("public_url")
     @classmethod
@@ -125,10 +113,10 @@ class WhatsAppSettings(ProbeSettings):
         return self.public_url.rstrip("/") + own.path + (f"?{own.query}" if own.query else "")
 
     def target(self) -> str:
-        return f"POST {url_for_humans(self.url)}"
+        return f"POST {self.url.for_humans()}"  # type: ignore[attr-defined]
 
     def secret_values(self) -> list[str]:
-        return super().secret_values() + [value for name, value in self.headers.items() if SECRET_HEADER.search(name)]
+        return super().secret_values() + secret_headers(self.headers)
 
 
 class WhatsAppProbe(Probe[WhatsAppSettings]):
@@ -136,24 +124,14 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
 
     def __init__(self, settings: WhatsAppSettings) -> None:
         super().__init__(settings)
-        self._session: aiohttp.ClientSession | None = None
         self._validator = RequestValidator(settings.auth_token.get_secret_value())
         self._headers = {"User-Agent": _TWILIO_USER_AGENT, "Accept": "*/*", **settings.headers}
         self._headers.update(marker_headers(settings.synthetic_header))
-        self._ssl: ssl.SSLContext | bool = tls_context(settings.verify_tls, settings.ca_file)
-
-    def _ensure_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl, force_close=True, limit=2),
-                timeout=aiohttp.ClientTimeout(total=None),  # the runner owns the timeout
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
+        self._ssl: ssl.SSLContext = client_tls_context(settings.verify_tls, settings.ca_file)
+        self._sessions = LazySession(ssl_context=self._ssl, force_close=True, limit=2)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._sessions.close()
 
     def message_params(self, message_sid: str) -> dict[str, str]:
         """The form fields of an inbound WhatsApp text message, in the order Twilio sends them."""
@@ -209,7 +187,7 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
 
     async def _post(self, params: dict[str, str], signature: str) -> tuple[int, bytes, str]:
         headers = {**self._headers, SIGNATURE_HEADER: signature}
-        session = self._ensure_session()
+        session = self._sessions.get()
         async with session.post(self.settings.url, data=params, headers=headers, allow_redirects=False) as response:
             body, error = await read_limited(response, self.settings.max_body_bytes)
             return response.status, body, error
@@ -252,7 +230,7 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
         """Runs after the checks whatever they found; a failure here is `cleanup` only if they had passed."""
         cleanup = self.settings.cleanup
         assert cleanup is not None
-        session = self._ensure_session()
+        session = self._sessions.get()
         url = cleanup.url.format(message_sid=message_sid)
         try:
             with timer.phase("cleanup"):

@@ -11,12 +11,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from canary.result import Gauge, Result
+from canary.contract import Gauge, ProbeSettings, Result
 from canary.state import ResultStore
 from exporter.exposition import ProbeExposition
 from exporter.self_metrics import DaemonMetrics
 from exporter.server import ExporterSources, build_exporter_app
-from probes.base import ProbeSettings
 from tests.conftest import start_app
 
 BUCKETS = (0.1, 0.5, 1.0)

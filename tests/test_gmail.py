@@ -16,8 +16,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from canary.config import load_config
-from canary.phases import PhaseTimer
-from canary.result import Result
+from canary.contract import PhaseTimer, Result
 from canary.runner import run_once
 from canary.sandbox import gmail as sandbox_gmail
 from canary.sandbox.faults import FAULTS

@@ -16,7 +16,7 @@ from aiohttp import web
 from pydantic import ValidationError
 from yarl import URL
 
-from canary.result import Result
+from canary.contract import Result
 from canary.runner import run_once
 from canary.scrub import Scrubber
 from probes.http import HttpProbe, HttpSettings

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from canary.config import load_config
-from canary.result import Result
+from canary.contract import Result
 from canary.runner import run_once
 from canary.scrub import Scrubber
 from probes import PROBE_TYPES

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from canary.result import Result
+from canary.contract import Result
 from canary.runner import run_once
 from canary.scrub import Scrubber
 from probes.kafka_dlq import KafkaDlqProbe, KafkaDlqSettings

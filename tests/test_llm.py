@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from canary.config import ConfigError, load_config
-from canary.result import Result
+from canary.contract import Result
 from canary.runner import run_once
 from canary.sandbox import build_sandbox_app
 from canary.sandbox.llm import DEFAULT_API_KEY, REQUEST_LIMIT, TOKEN_LIMIT

@@ -18,8 +18,7 @@ import asyncpg
 import pytest
 from yarl import URL
 
-from canary.phases import PhaseTimer
-from canary.result import Result
+from canary.contract import PhaseTimer, Result
 from canary.runner import run_once
 from canary.scrub import Scrubber
 from probes.postgres import PostgresProbe, PostgresSettings

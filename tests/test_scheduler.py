@@ -8,12 +8,10 @@ from typing import ClassVar, Literal
 
 import pytest
 
-from canary.phases import PhaseTimer
-from canary.result import Result
+from canary.contract import PhaseTimer, Probe, ProbeSettings, Result
 from canary.scheduler import Scheduler, stable_offset
 from canary.scrub import Scrubber
 from canary.state import ResultStore
-from probes.base import Probe, ProbeSettings
 from tests.conftest import wait_until
 
 

@@ -11,7 +11,7 @@ from aiohttp import web
 from yarl import URL
 
 from canary.config import ConfigError, load_config
-from canary.result import Result
+from canary.contract import Result
 from canary.runner import run_once
 from canary.scrub import Scrubber
 from probes import PROBE_TYPES

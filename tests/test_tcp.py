@@ -12,7 +12,7 @@ import trustme
 from pydantic import ValidationError
 
 from canary.config import load_config
-from canary.result import Result
+from canary.contract import Result
 from canary.runner import run_once
 from canary.scrub import Scrubber
 from probes import PROBE_TYPES

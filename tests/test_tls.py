@@ -15,7 +15,7 @@ from cryptography import x509
 from pydantic import ValidationError
 
 from canary.config import load_config
-from canary.result import Result
+from canary.contract import Result
 from canary.runner import run_once
 from canary.scrub import Scrubber
 from probes import PROBE_TYPES
@@ -102,7 +102,8 @@ async def test_valid_certificate_passes_with_expiry_and_version(serve: Serve, ca
     assert result.success, result.message
     assert set(result.phases) >= {"connect", "tls"}
     assert _gauge(result, "tls_certificate_expiry_timestamp_seconds") == pytest.approx(_not_after(cert), abs=1)
-    assert _gauge(result, "tls_protocol_version") == 1.3
+    info = [g for g in result.gauges if g.name == "tls_version_info"]
+    assert [(g.value, g.labels) for g in info] == [(1, (("version", "TLS 1.3"),))]
     assert "TLSv1.3" in result.message and "days left" in result.message
     assert serve.handshakes == ["TLSv1.3"]  # type: ignore[attr-defined]
 

@@ -14,7 +14,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from canary.config import load_config
-from canary.result import Gauge, Result
+from canary.contract import Gauge, Result
 from canary.runner import run_once
 from canary.sandbox import build_sandbox_app
 from canary.sandbox.twilio_api import DEFAULT_ACCOUNT_SID
@@ -250,8 +250,8 @@ async def test_other_answers(fake_api: tuple[web.Application, str], status: int,
     ("fields", "error"),
     [
         ({"account_sid": "SK" + "0" * 32}, "String should match pattern"),
-        ({"api_url": "api.twilio.com"}, "must be an http:// or https:// base URL"),
-        ({"api_url": "https://api.twilio.com/?x=1"}, "must be an http:// or https:// base URL"),
+        ({"api_url": "api.twilio.com"}, "must be an absolute http:// or https:// URL"),
+        ({"api_url": "https://api.twilio.com/?x=1"}, "must be a base URL without a query string"),
         ({"region": "au1"}, "Extra inputs are not permitted"),
     ],
 )

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from twilio.request_validator import RequestValidator
 
 from canary.config import load_config
-from canary.result import Result
+from canary.contract import Result
 from canary.runner import run_once
 from canary.sandbox import build_sandbox_app
 from canary.sandbox.whatsapp import DEFAULT_AUTH_TOKEN
