@@ -110,6 +110,12 @@ def parse_config(
     for index, entry in enumerate(raw_probes):
         where = f"probes[{index}]"
         settings = _validate_probe(entry, where, probe_types, problems)
+        type_name = entry.get("type") if isinstance(entry, dict) else None
+        if daemon is not None and type_name in probe_types:
+            problems += [
+                problem for problem in _label_collisions(daemon.labels, probe_types[type_name], "daemon.labels", type_name)
+                if problem not in problems  # once per label and type, however many probes of that type there are
+            ]
         if settings is None:
             continue
         if settings.name in first_index_by_name:
@@ -150,7 +156,18 @@ def _validate_probe(
     # A secret whose `*_file` could not be used is reported once, not again as a missing key.
     missing = {f"{where}.{key}: required key is missing" for key in unresolved}
     problems[before:] = [problem for problem in problems[before:] if problem not in missing]
+    if settings is not None:
+        problems += _label_collisions(settings.labels, probe_types[type_name], f"{where}.labels", type_name)
     return settings
+
+
+def _label_collisions(labels: Mapping[str, str], probe_type: type[Probe], where: str, type_name: str) -> list[str]:
+    """A static label named like one of the probe's figure labels would give a series two labels of one name,
+    and Prometheus would reject the whole scrape."""
+    return [
+        f"{where}.{label}: {label!r} is a label of the {type_name} probe's own figures; choose another name"
+        for label in sorted(set(labels) & probe_type.figure_labels)
+    ]
 
 
 def _inherit_defaults(

@@ -20,7 +20,7 @@ from canary.state import ResultStore
 from exporter.exposition import ProbeExposition
 from exporter.self_metrics import DaemonMetrics
 from exporter.server import ExporterSources, build_exporter_app
-from canary.contract import Probe, ProbeSettings, parse_host_port
+from canary.contract import RUNNER_REASONS, Probe, ProbeSettings, parse_host_port
 
 log = logging.getLogger("canary.daemon")
 
@@ -57,7 +57,10 @@ class Daemon:
         self._background: set[asyncio.Task[bool]] = set()  # reloads started by SIGHUP, referenced until done
         self._ready = False
         self.metrics = DaemonMetrics()
-        self.store = ResultStore(config.daemon.latency_buckets, config.daemon.history)
+        self.store = ResultStore(
+            config.daemon.latency_buckets, config.daemon.history,
+            reasons_for=lambda type_name: (*RUNNER_REASONS, *probe_types[type_name].reasons),
+        )
         self.exposition = ProbeExposition(config.daemon.labels, config.daemon.latency_buckets)
         self.store.add_listener(self.exposition.render)
         self._scrub_filter = configure_logging(config.daemon.log_level, config.scrubber())

@@ -26,6 +26,11 @@ async def run_once(probe: Probe, timeout: float, scrub: Scrubber) -> Result:
             result = await probe.run(timer)
         if not isinstance(result, Result):
             result = Result.fail("internal", f"probe returned {type(result).__name__}, not a Result")
+        elif undeclared := {label for gauge in result.gauges for label, _ in gauge.labels} - type(probe).figure_labels:
+            # The config refuses static labels that collide with declared figure labels; an undeclared one could
+            # collide unseen and break every scrape, so it is the probe's bug.
+            result = Result.fail("internal", f"probe returned figures labelled {', '.join(sorted(undeclared))}, "
+                                             "which its type does not declare in figure_labels")
     except TimeoutError:
         during = f" during {timer.current}" if timer.current else ""
         result = Result.fail("timeout", f"no answer within {format_duration(timeout)}{during}")

@@ -115,6 +115,7 @@ class _TimedConnector(aiohttp.TCPConnector):
 
 class HttpProbe(Probe[HttpSettings]):
     settings_model = HttpSettings
+    reasons = ("status", "tls", "dns", "connect", "body", "assertion", "redirect")
 
     def __init__(self, settings: HttpSettings) -> None:
         super().__init__(settings)

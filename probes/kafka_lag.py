@@ -103,6 +103,8 @@ def partition_status(history: PartitionHistory, size: int, now: float, stop_afte
 
 class KafkaLagProbe(Probe[KafkaLagSettings]):
     settings_model = KafkaLagSettings
+    reasons = ("connect", "timeout", "auth", "tls", "status", "assertion", "threshold")
+    figure_labels = frozenset({"group", "topic", "partition"})
 
     def __init__(self, settings: KafkaLagSettings) -> None:
         super().__init__(settings)

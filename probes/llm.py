@@ -214,6 +214,11 @@ def nearest_models(model: str, served: list[str]) -> list[str]:
 
 class LlmProbe(Probe[LlmSettings]):
     settings_model = LlmSettings
+    reasons = (
+        "status", "tls", "dns", "connect", "body", "auth",
+        "rate_limited", "model_missing", "slow", "assertion",
+    )
+    figure_labels = frozenset({"kind"})
 
     def __init__(self, settings: LlmSettings) -> None:
         super().__init__(settings)

@@ -72,6 +72,8 @@ class PostgresSettings(ProbeSettings):
 
 class PostgresProbe(Probe[PostgresSettings]):
     settings_model = PostgresSettings
+    reasons = ("connect", "auth", "tls", "timeout", "query", "threshold")
+    figure_labels = frozenset({"query"})
 
     async def run(self, timer: PhaseTimer) -> Result:
         settings = self.settings

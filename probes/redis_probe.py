@@ -55,6 +55,7 @@ class RedisSettings(ProbeSettings):
 
 class RedisProbe(Probe[RedisSettings]):
     settings_model = RedisSettings
+    reasons = ("connect", "auth", "timeout", "query", "threshold")
 
     async def run(self, timer: PhaseTimer) -> Result:
         settings = self.settings

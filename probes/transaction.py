@@ -147,6 +147,7 @@ class _StepFailed(Exception):
 
 class TransactionProbe(Probe[TransactionSettings]):
     settings_model = TransactionSettings
+    reasons = ("status", "tls", "dns", "connect", "body", "assertion", "slow", "cleanup")
 
     def __init__(self, settings: TransactionSettings) -> None:
         super().__init__(settings)

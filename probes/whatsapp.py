@@ -121,6 +121,7 @@ class WhatsAppSettings(ProbeSettings):
 
 class WhatsAppProbe(Probe[WhatsAppSettings]):
     settings_model = WhatsAppSettings
+    reasons = ("status", "tls", "dns", "connect", "body", "auth", "assertion", "insecure", "cleanup")
 
     def __init__(self, settings: WhatsAppSettings) -> None:
         super().__init__(settings)
