@@ -96,7 +96,7 @@ def _check_config(path: Path) -> int:
 
 def _list(config: Config) -> int:
     rows = [("NAME", "TYPE", "CHANNEL", "INTERVAL", "TIMEOUT", "TARGET")] + [
-        (p.name, p.type, p.channel, f"{p.interval:g}s", f"{p.timeout:g}s", config.scrubber()(p.target()))
+        (p.name, p.type, p.channel, f"{p.interval:g}s", f"{p.timeout:g}s", config.scrubber()(p.safe_target()))
         for p in config.probes
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]

@@ -339,6 +339,10 @@ class ProbeSettings(BaseModel):
         """Every secret this probe's settings hold, so they can be scrubbed from all output."""
         return _walk_secrets(self)
 
+    def safe_target(self) -> str:
+        """`target()` with every secret of these settings masked: what every page and listing shows."""
+        return Scrubber(self.secret_values())(self.target())
+
 
 def _walk_secrets(value: Any) -> list[str]:
     if isinstance(value, SecretStr):
