@@ -187,3 +187,45 @@ def test_a_broken_config_at_start_exits_2_naming_the_file_and_key(tmp_path: Path
     completed = subprocess.run(probe_command("run", "--config", str(path)), capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert completed.returncode == 2
     assert f"{path}: probes[0].expect_staus: unknown key" in completed.stderr
+
+
+def test_a_reload_whose_ca_file_is_missing_fails_and_the_changed_probe_keeps_its_old_settings(
+    daemon: tuple[Process, str, Path], sandbox_process: str
+) -> None:
+    """The reload that once stopped a probe and never started it again, while reporting success."""
+    process, base, path = daemon
+    wait_for(lambda: probe_value(metric_values(base), "canary_probe_success", "api-health") == 1)
+    broken = path.read_text().replace('channel_map = "channels"', 'channel_map = "channels"\n        ca_file = "/nonexistent/ca.pem"', 1)
+    path.write_text(broken.replace('interval = "1s"', 'interval = "2s"', 1))
+    process.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: metric_values(base)[("canary_config_last_reload_successful", frozenset())] == 0)
+    assert "probes[0].ca_file: cannot load the CA file '/nonexistent/ca.pem' (No such file or directory)" in process.output()
+    # The last good config still runs: api-health keeps running every 1 s.
+    before = probe_value(metric_values(base), "canary_probe_runs_total", "api-health") or 0.0
+    wait_for(lambda: (probe_value(metric_values(base), "canary_probe_runs_total", "api-health") or 0.0) >= before + 2)
+    assert probe_value(metric_values(base), "canary_probe_interval_seconds", "api-health") == 1
+    assert "Task exception was never retrieved" not in process.output()
+
+
+@pytest.mark.parametrize("command", [("run",), ("--once",), ("check-config",)])
+def test_a_missing_ca_file_at_start_is_a_config_error_with_exit_2(tmp_path: Path, command: tuple[str, ...]) -> None:
+    path = write_config(tmp_path, """
+        [[probes]]
+        name = "x"
+        type = "http"
+        channel = "api"
+        url = "https://127.0.0.1:1/health"
+        ca_file = "/nonexistent/ca.pem"
+    """)
+    completed = subprocess.run(probe_command(*command, "--config", str(path)), capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert completed.returncode == 2, completed.stdout + completed.stderr
+    assert f"{path}: probes[0].ca_file: cannot load the CA file '/nonexistent/ca.pem' (No such file or directory)" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize("listen", ["nonsense", "127.0.0.1:99999", "127.0.0.1:"])
+def test_a_bad_listen_flag_is_a_usage_error_naming_the_flag(tmp_path: Path, listen: str) -> None:
+    path = write_config(tmp_path, '[[probes]]\nname = "x"\ntype = "http"\nchannel = "api"\nurl = "http://127.0.0.1:1/"\n')
+    completed = subprocess.run(probe_command("run", "--config", str(path), "--listen", listen), capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert completed.returncode == 2
+    assert "argument --listen:" in completed.stderr and "Traceback" not in completed.stderr

@@ -17,7 +17,7 @@ from tests.conftest import wait_until
 
 class BehaviourSettings(ProbeSettings):
     type: Literal["behaviour"] = "behaviour"
-    behaviour: Literal["ok", "hang", "raise", "garbage", "slow"] = "ok"
+    behaviour: Literal["ok", "hang", "raise", "garbage", "slow", "unbuildable"] = "ok"
     sleep: float = 0.0
 
 
@@ -28,6 +28,11 @@ class BehaviourProbe(Probe[BehaviourSettings]):
     events: ClassVar[list[tuple[str, str]]] = []
     concurrent: ClassVar[dict[str, int]] = {}
     max_concurrent: ClassVar[dict[str, int]] = {}
+
+    def __init__(self, settings: BehaviourSettings) -> None:
+        if settings.behaviour == "unbuildable":
+            raise OSError("cannot open /run/secrets/ca.pem")
+        super().__init__(settings)
 
     async def run(self, timer: PhaseTimer) -> Result:
         name = self.settings.name
@@ -190,3 +195,23 @@ async def test_the_collector_rests_only_for_the_first_round_and_the_heap_is_froz
         await scheduler.stop(grace=0.5)
         gc.unfreeze()
     assert gc.isenabled()
+
+
+async def test_a_probe_that_cannot_be_built_leaves_the_running_set_exactly_as_it_was() -> None:
+    from canary.scheduler import ProbeBuildError
+
+    scheduler, store, _ = await start([settings("keep"), settings("change")])
+    try:
+        tasks = {name: scheduler._running[name].task for name in ("keep", "change")}
+        new = (settings("keep"), settings("change", sleep=0.01), settings("added"), settings("broken", "unbuildable"))
+        with pytest.raises(ProbeBuildError, match="probe 'broken' could not be built: OSError: cannot open"):
+            await scheduler.apply(new, 0.05, Scrubber())
+        assert sorted(scheduler.probe_names) == ["change", "keep"]
+        assert {name: scheduler._running[name].task for name in ("keep", "change")} == tasks
+        assert not any(task.done() for task in tasks.values())
+        # Built before the failure, and released: the new "added" and the new "change" (the old one runs on).
+        assert [event for event in BehaviourProbe.events if event[1] == "closed"] == [("change", "closed"), ("added", "closed")]
+        runs = store.get("change").runs["success"]
+        await wait_until(lambda: store.get("change").runs["success"] > runs, timeout=3)  # still running
+    finally:
+        await scheduler.stop(grace=0.5)
