@@ -229,3 +229,26 @@ def test_a_bad_listen_flag_is_a_usage_error_naming_the_flag(tmp_path: Path, list
     completed = subprocess.run(probe_command("run", "--config", str(path), "--listen", listen), capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert completed.returncode == 2
     assert "argument --listen:" in completed.stderr and "Traceback" not in completed.stderr
+
+
+async def test_a_reload_applies_the_new_log_level(tmp_path: Path) -> None:
+    import logging
+
+    from canary.config import load_config
+    from canary.daemon import Daemon
+    from canary.scheduler import Scheduler
+    from probes import PROBE_TYPES, build_probe
+
+    probe = '[[probes]]\nname = "x"\ntype = "http"\nchannel = "api"\ninterval = "1h"\nurl = "http://127.0.0.1:1/"\n'
+    path = write_config(tmp_path, '[daemon]\nlog_level = "warning"\n' + probe)
+    daemon = Daemon(load_config(path, PROBE_TYPES), PROBE_TYPES, build_probe)
+    scheduler = Scheduler(daemon.store, build_probe, daemon.metrics)
+    try:
+        await scheduler.apply(daemon.config.probes, 0.0, daemon.config.scrubber())
+        assert logging.getLogger().level == logging.WARNING
+        path.write_text('[daemon]\nlog_level = "debug"\n' + probe)
+        assert await daemon.reload(scheduler)
+        assert logging.getLogger().level == logging.DEBUG
+    finally:
+        await scheduler.stop(0)
+        logging.getLogger().setLevel(logging.WARNING)
