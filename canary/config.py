@@ -27,7 +27,7 @@ _VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
 class DaemonSettings(BaseModel):
     """The `[daemon]` table: where to listen, and the defaults every probe inherits."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     listen: HostPort = "127.0.0.1:9465"
     interval: Duration = 30.0
@@ -111,7 +111,7 @@ def parse_config(
         where = f"probes[{index}]"
         settings = _validate_probe(entry, where, probe_types, problems)
         type_name = entry.get("type") if isinstance(entry, dict) else None
-        if daemon is not None and type_name in probe_types:
+        if daemon is not None and isinstance(type_name, str) and type_name in probe_types:
             problems += [
                 problem for problem in _label_collisions(daemon.labels, probe_types[type_name], "daemon.labels", type_name)
                 if problem not in problems  # once per label and type, however many probes of that type there are

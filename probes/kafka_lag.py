@@ -48,7 +48,7 @@ class Status(IntEnum):
 class ConsumerGroup(BaseModel):
     """One consumer group and the topics it consumes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,255}$")
     topics: list[TopicName] = Field(min_length=1)

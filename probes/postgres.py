@@ -30,7 +30,7 @@ _CLOSE_TIMEOUT = 2.0
 class PostgresQuery(BaseModel):
     """A read-only query whose single value becomes `canary_probe_query_value{query="<name>"}`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
     sql: str = Field(min_length=1)

@@ -39,13 +39,13 @@ BUILTIN_VARIABLES = ("run_id", "timestamp")
 class Poll(BaseModel):
     """Repeat the step every `every` until its checks pass, for at most `within` (the SLA being measured)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     every: Duration = 1.0
     within: Duration
 
 
 class Step(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
     method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"] = "GET"

@@ -42,7 +42,7 @@ def _shown(statuses: list[int | str]) -> str:
 class WhatsAppCleanup(BaseModel):
     """A request that removes what the synthetic message created; `{message_sid}` in the URL is filled in."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     method: Literal["DELETE", "POST", "PUT", "PATCH", "GET"] = "DELETE"
     url: str
