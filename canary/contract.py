@@ -258,9 +258,14 @@ def _check_labels(labels: dict[str, str]) -> dict[str, str]:
     return labels
 
 
+MAX_DURATION = 366 * 86400.0
+
+
 def _positive(seconds: float) -> float:
     if seconds <= 0:
         raise ValueError("must be greater than zero")
+    if seconds > MAX_DURATION:  # also keeps the event loop's timers away from float overflow
+        raise ValueError(f"must be at most 366d, got {format_duration(seconds)}")
     return seconds
 
 
