@@ -82,10 +82,12 @@ class Scheduler:
         store: ResultStore,
         build_probe: Callable[[ProbeSettings], Probe],
         observer: SchedulerObserver,
+        stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
         self._store = store
         self._build_probe = build_probe
         self._observer = observer
+        self._stop_timeout = stop_timeout
         self._loop = asyncio.get_running_loop()
         self._epoch: float | None = None  # set when the first probes start, so their first slots are now
         self._running: dict[str, _Running] = {}
@@ -210,7 +212,7 @@ class Scheduler:
             item.task.cancel()
 
     async def _stop_tasks(self, running: list[_Running], grace: float) -> None:
-        """Stop these tasks, bounded in time: after `grace`, cancel; after STOP_TIMEOUT more, abandon."""
+        """Stop these tasks, bounded in time: after `grace`, cancel; after the stop timeout more, abandon."""
         if not running:
             return
         self._stopping_tasks = running
@@ -224,11 +226,11 @@ class Scheduler:
             for task in busy:
                 task.cancel()
         if busy:
-            _, stuck = await asyncio.wait(busy, timeout=STOP_TIMEOUT)
+            _, stuck = await asyncio.wait(busy, timeout=self._stop_timeout)
             for item in running:
                 item.abandoned = item.task in stuck
             for task in stuck:
-                log.warning("%s did not stop within %gs of being cancelled; abandoned", task.get_name(), STOP_TIMEOUT)
+                log.warning("%s did not stop within %gs of being cancelled; abandoned", task.get_name(), self._stop_timeout)
                 self._abandoned.add(task)
                 task.add_done_callback(self._abandoned.discard)
         self._stopping_tasks = []
@@ -239,7 +241,7 @@ class Scheduler:
 
     async def _close(self, probe: Probe, name: str) -> None:
         try:
-            async with asyncio.timeout(STOP_TIMEOUT):
+            async with asyncio.timeout(self._stop_timeout):
                 await probe.close()
         except Exception as exc:  # noqa: BLE001 - closing one probe must not stop the others closing
             log.warning("probe %s did not close cleanly: %s", name, self._scrub(f"{type(exc).__name__}: {exc}"))

@@ -17,7 +17,7 @@ from tests.conftest import wait_until
 
 class BehaviourSettings(ProbeSettings):
     type: Literal["behaviour"] = "behaviour"
-    behaviour: Literal["ok", "hang", "raise", "garbage", "slow", "unbuildable"] = "ok"
+    behaviour: Literal["ok", "hang", "raise", "garbage", "slow", "unbuildable", "stubborn"] = "ok"
     sleep: float = 0.0
 
 
@@ -43,6 +43,13 @@ class BehaviourProbe(Probe[BehaviourSettings]):
             if behaviour == "hang":
                 with timer.phase("waiting"):
                     await asyncio.sleep(60)
+            if behaviour == "stubborn":  # a probe (or a library under it) that ignores cancellation
+                for _ in range(2):
+                    try:
+                        await asyncio.sleep(1.5)
+                    except asyncio.CancelledError:
+                        self.events.append((name, "ignored a cancel"))
+                return Result.ok("stubborn run done")
             if behaviour == "raise":
                 raise RuntimeError("probe bug with password=hunter2")
             if behaviour == "garbage":
@@ -85,11 +92,13 @@ def _reset_events() -> None:
     BehaviourProbe.max_concurrent.clear()
 
 
-async def start(probes: list[BehaviourSettings], jitter: float = 0.05) -> tuple[Scheduler, ResultStore, Observer]:
+async def start(
+    probes: list[BehaviourSettings], jitter: float = 0.05, stop_timeout: float = 5.0
+) -> tuple[Scheduler, ResultStore, Observer]:
     store = ResultStore((0.1, 1.0), history=50)
     store.sync(probes, (0.1, 1.0), 50)
     observer = Observer()
-    scheduler = Scheduler(store, BehaviourProbe, observer)
+    scheduler = Scheduler(store, BehaviourProbe, observer, stop_timeout=stop_timeout)
     await scheduler.apply(tuple(probes), jitter, Scrubber())
     return scheduler, store, observer
 
@@ -215,3 +224,21 @@ async def test_a_probe_that_cannot_be_built_leaves_the_running_set_exactly_as_it
         await wait_until(lambda: store.get("change").runs["success"] > runs, timeout=3)  # still running
     finally:
         await scheduler.stop(grace=0.5)
+
+
+async def test_a_reload_is_bounded_even_when_a_probe_ignores_its_cancellation() -> None:
+    stubborn = settings("stubborn", "stubborn", interval=10.0, timeout=8.0)
+    scheduler, store, _ = await start([stubborn], jitter=0.001, stop_timeout=0.5)
+    try:
+        await wait_until(lambda: scheduler._running["stubborn"].in_run, timeout=3)
+        started = time.monotonic()
+        changed = settings("stubborn", "ok", interval=10.0, timeout=8.0)
+        store.sync((changed,), (0.1, 1.0), 50)
+        await scheduler.apply((changed,), 0.001, Scrubber())
+        assert time.monotonic() - started < 1.4  # the 0.5 s bound, not the rest of the stubborn probe's run
+        assert ("stubborn", "ignored a cancel") in BehaviourProbe.events
+        abandoned, = scheduler._abandoned
+        await asyncio.wait_for(abandoned, timeout=5)  # it finished its run in the end...
+        assert store.get("stubborn").latest is None  # ...and its stale result was not recorded
+    finally:
+        await scheduler.stop(grace=0)
