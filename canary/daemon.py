@@ -59,6 +59,7 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[bool]] = set()  # reloads started by SIGHUP, referenced until done
         self._ready = False
+        self._hurried = False  # a second stop signal came: the stop must not wait for runs in flight
         self.metrics = DaemonMetrics()
         self.store = ResultStore(
             config.daemon.latency_buckets, config.daemon.history,
@@ -102,7 +103,8 @@ class Daemon:
         await self._stop.wait()
 
         self._ready = False
-        grace = self.config.daemon.shutdown_grace
+        # Both signals may be handled before this resumes, when hurry() had no stop to hurry yet.
+        grace = 0.0 if self._hurried else self.config.daemon.shutdown_grace
         log.info("stopping: letting runs in flight finish (up to %gs)", grace)
         await scheduler.stop(grace)
         await runner.cleanup()
@@ -120,6 +122,7 @@ class Daemon:
         """The first SIGTERM stops gracefully; a second one during the grace cancels every run at once."""
         if self._stop.is_set():
             log.warning("second stop signal: cancelling the runs still in flight")
+            self._hurried = True
             scheduler.hurry()
         self._stop.set()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
+from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
 from typing import Literal
@@ -126,7 +127,8 @@ class PostgresProbe(Probe[PostgresSettings]):
             with timer.phase("queries"):
                 values = await self._run_queries(connection)
             if isinstance(values, Result):
-                return values
+                # Keep the health figures: a query held by a lock is just when the ungranted-lock count matters.
+                return replace(values, gauges=(*gauges, *values.gauges))
             for query, value in zip(settings.queries, values):
                 gauges.append(Gauge("query_value", value, "Value of a configured read-only query.", (("query", query.name),)))
                 if query.max is not None and value > query.max:
