@@ -12,7 +12,7 @@ import re
 import ssl
 from time import perf_counter
 from types import SimpleNamespace
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import aiohttp
 from pydantic import Field, field_validator, model_validator

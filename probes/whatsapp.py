@@ -25,7 +25,7 @@ from twilio.request_validator import SIGNATURE_HEADER, RequestValidator
 from canary.contract import Check, marker_headers, PhaseTimer, Probe, ProbeSettings, Result, SyntheticHeader
 from probes.transport import (
     LazySession,
-    CaFile, ExpectedStatuses, HttpUrl, client_error_result, client_tls_context, http_url, new_session, read_limited,
+    CaFile, ExpectedStatuses, HttpUrl, client_error_result, client_tls_context, http_url, read_limited,
     secret_headers, status_matches,
 )
 

@@ -9,27 +9,20 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, Process, free_port, probe_command, wait_for_port, write_config
+from tests.conftest import Process, ROOT, free_port, http_get, probe_command, wait_for, wait_for_port, write_config
 
 SECRET_TOKEN = "sekrit-token-0451"
 SECRET_PASSWORD = "pw-Hunter2-xyz"
 
 
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
 
 def metric_values(base: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    _, text = get(f"{base}/metrics")
+    _, text = http_get(f"{base}/metrics")
     return {
         (s.name, frozenset(s.labels.items())): s.value
         for family in text_string_to_metric_families(text)
@@ -44,13 +37,6 @@ def probe_value(values: dict, name: str, probe: str) -> float | None:  # type: i
     return None
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def config_text(platform: str, closed_port: int, extra: str = "", include_broken: bool = True) -> str:
@@ -105,8 +91,8 @@ def test_serves_results_health_and_status_page(daemon: tuple[Process, str, Path]
     assert probe_value(values, "canary_probe_success", "database") == 0
     assert values[("canary_channel_up", frozenset({("channel", "whatsapp"), ("environment", "test")}))] == 1
     assert values[("canary_config_last_reload_successful", frozenset())] == 1
-    assert get(f"{base}/healthz")[0] == 200
-    assert get(f"{base}/readyz")[0] == 200
+    assert http_get(f"{base}/healthz")[0] == 200
+    assert http_get(f"{base}/readyz")[0] == 200
 
     # Switch WhatsApp off on the platform: only that channel goes down.
     request = urllib.request.Request(
@@ -118,13 +104,13 @@ def test_serves_results_health_and_status_page(daemon: tuple[Process, str, Path]
     wait_for(lambda: metric_values(base).get(("canary_channel_up", whatsapp)) == 0)
     assert metric_values(base)[("canary_channel_up", email)] == 1
 
-    status, page = get(f"{base}/")
+    status, page = http_get(f"{base}/")
     assert status == 200 and "api-health" in page and "database" in page
-    _, status_json = get(f"{base}/status.json")
+    _, status_json = http_get(f"{base}/status.json")
     assert {p["name"]: p["state"] for p in json.loads(status_json)["probes"]} == {"api-health": "up", "database": "down"}
 
     # No secret anywhere a person or a scraper can read.
-    _, metrics_text = get(f"{base}/metrics")
+    _, metrics_text = http_get(f"{base}/metrics")
     for text in (metrics_text, page, status_json, process.output()):
         assert SECRET_TOKEN not in text and SECRET_PASSWORD not in text
 
@@ -162,7 +148,7 @@ def test_sighup_applies_a_good_config_and_keeps_the_last_good_one_on_a_broken_fi
     wait_for(lambda: probe_value(metric_values(base), "canary_probe_last_run_timestamp_seconds", "api-health-2") > before)
     assert probe_value(metric_values(base), "canary_probe_success", "api-health") == 1
     assert f"{path}: probes[0].type: unknown probe type 'htp'" in process.output()
-    assert get(f"{base}/readyz")[0] == 200
+    assert http_get(f"{base}/readyz")[0] == 200
 
 
 def test_sigterm_stops_cleanly_with_exit_code_zero(daemon: tuple[Process, str, Path]) -> None:

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, Process, free_port, probe_command, wait_for_port, write_config
+from tests.conftest import Process, ROOT, free_port, http_get, probe_command, wait_for, wait_for_port, write_config
 
 
 # --- a target that counts what reaches it --------------------------------------------------------------------------
@@ -154,14 +154,6 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             process.stop()
 
 
-def get(url: str, method: str = "GET") -> tuple[int, str]:
-    request = urllib.request.Request(url, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     return {
@@ -178,13 +170,6 @@ def probe_sample(text: str, name: str, probe: str) -> float | None:
     return None
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not met within {timeout}s")
 
 
 def promtool_problems(body: str) -> str:
@@ -215,7 +200,7 @@ def test_sighup_removing_b_and_slowing_a_drops_b_and_keeps_a_on_its_new_rhythm(
     daemon.reload(daemon_config(http_probe("a", f"{target.url}/a", "2s")))
     reloaded = time.monotonic()
 
-    wait_for(lambda: probe_sample(get(f"{daemon.base}/metrics")[1], "canary_probe_runs_total", "b") is None,
+    wait_for(lambda: probe_sample(http_get(f"{daemon.base}/metrics")[1], "canary_probe_runs_total", "b") is None,
              what="B's series gone from /metrics")
     wait_for(lambda: len([t for t in target.times("/a") if t > reloaded]) >= 3, timeout=20, what="3 runs of A")
     after = [t for t in target.times("/a") if t > reloaded]
@@ -230,7 +215,7 @@ def test_sighup_removing_b_and_slowing_a_drops_b_and_keeps_a_on_its_new_rhythm(
     )
 
     # B is gone everywhere: from /metrics and from its target, once a run in flight at the reload is over.
-    _, text = get(f"{daemon.base}/metrics")
+    _, text = http_get(f"{daemon.base}/metrics")
     assert 'probe="b"' not in text
     assert probe_sample(text, "canary_probe_interval_seconds", "a") == new
     assert [t for t in target.times("/b") if t > reloaded + 1.0] == []
@@ -324,7 +309,7 @@ interval = "{interval}"
     second = (["p1", "p3", "p5", "p6", "p7"], "600ms")
     daemon = start_daemon(config(*first))
     wanted = {tuple(first[0]) + ("port-500ms",), tuple(second[0]) + ("port-600ms",)}
-    wait_for(lambda: probe_sample(get(f"{daemon.base}/metrics")[1], "canary_probe_success", "p4") is not None)
+    wait_for(lambda: probe_sample(http_get(f"{daemon.base}/metrics")[1], "canary_probe_success", "p4") is not None)
 
     bodies: list[str] = []
     with ThreadPoolExecutor(max_workers=10) as pool:
@@ -335,7 +320,7 @@ interval = "{interval}"
 
             def scrape() -> tuple[int, str]:
                 barrier.wait(timeout=10)
-                return get(f"{daemon.base}/metrics")
+                return http_get(f"{daemon.base}/metrics")
 
             futures = [pool.submit(scrape) for _ in range(10)]
             barrier.wait(timeout=10)
@@ -357,10 +342,10 @@ interval = "{interval}"
             assert probe_sample(body, "canary_probe_latency_seconds_count", probe) is not None, (probe, body)
     assert len(bodies) == 40
 
-    _, text = get(f"{daemon.base}/metrics")
+    _, text = http_get(f"{daemon.base}/metrics")
     values = samples(text)
     assert values[("canary_config_last_reload_successful", frozenset())] == 1
-    assert get(f"{daemon.base}/healthz")[0] == 200
+    assert http_get(f"{daemon.base}/healthz")[0] == 200
     # No run started later than a fair fraction of its 0.5 s interval through all the reloads and scrapes.
     buckets = {dict(labels)["le"]: value for (name, labels), value in values.items()
                if name == "canary_scheduler_lateness_seconds_bucket"}
@@ -377,9 +362,9 @@ def test_target_parameters_and_unknown_paths_never_send_a_request(
     # The daemon's one probe checks the daemon itself, so any request that reaches `target` came from a scrape.
     daemon = start_daemon(daemon_config(http_probe("self", f"http://127.0.0.1:{port}/healthz", "1s")), port=port)
     aimed = urllib.request.quote(f"{target.url}/", safe="")
-    wait_for(lambda: probe_sample(get(f"{daemon.base}/metrics")[1], "canary_probe_success", "self") == 1)
+    wait_for(lambda: probe_sample(http_get(f"{daemon.base}/metrics")[1], "canary_probe_success", "self") == 1)
 
-    status, text = get(f"{daemon.base}/metrics?target={aimed}")
+    status, text = http_get(f"{daemon.base}/metrics?target={aimed}")
     assert status == 200 and probe_sample(text, "canary_probe_success", "self") == 1
     assert _probes_of(text) == {"self"}
     for path in (
@@ -387,11 +372,11 @@ def test_target_parameters_and_unknown_paths_never_send_a_request(
         f"/-/anything?target={aimed}", "/-/reload", "/-/healthy", "/-/ready", "/probe", "/metrics/",
     ):
         for method in ("GET", "POST"):
-            status, _ = get(f"{daemon.base}{path}", method=method)
+            status, _ = http_get(f"{daemon.base}{path}", method=method)
             assert status == 404, (method, path, status)
-    assert get(f"{daemon.base}/status.json?target={aimed}")[0] == 200
+    assert http_get(f"{daemon.base}/status.json?target={aimed}")[0] == 200
 
     time.sleep(1.5)  # anything a scrape had set off would have reached the target by now
     assert target.count() == 0, target.hits
-    assert _probes_of(get(f"{daemon.base}/metrics")[1]) == {"self"}
+    assert _probes_of(http_get(f"{daemon.base}/metrics")[1]) == {"self"}
     assert daemon.process.popen.poll() is None

@@ -15,7 +15,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 import warnings
@@ -34,7 +33,7 @@ from canary.config import ConfigError
 from exporter.basic_auth import BasicAuthUsers, basic_credentials
 from exporter.web_config import load_web_config
 from exporter.web_security import WebSecurity
-from tests.conftest import ROOT, Process, free_port, probe_command, start_app, wait_for_port, write_config
+from tests.conftest import Process, ROOT, free_port, probe_command, start_app, wait_for, wait_for_port, write_config
 
 PASSWORD = "first-Pw-4417"
 ROTATED_PASSWORD = "rotated-Pw-9023"
@@ -133,13 +132,6 @@ def https_get(port: int, path: str, context: ssl.SSLContext, user: str | None = 
         connection.close()
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 # --- Loading: every bad file is refused with one exact line per problem ---------------------------------------
