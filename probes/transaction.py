@@ -2,8 +2,10 @@
 a condition holds, and always clean up after themselves.
 
 The shipped web-form canary: submit a synthetic ticket → poll it until the AI agent has replied (the 15 s
-promise) → delete it. Cleanup steps run after a failure, after a timeout and when the daemon stops mid-run, so
-a canary never leaves a ticket behind; a failed cleanup is reported on its own (reason `cleanup`).
+promise) → delete it. Cleanup steps run after a pass, after a failure, after a timeout and when the daemon stops
+mid-run, shielded from the run's cancellation and bounded by `cleanup_timeout` (see `probes/cleanup.py`), so a
+canary never leaves a ticket behind; a run therefore lasts at most `timeout + cleanup_timeout`. A failed cleanup
+is reported on its own (reason `cleanup`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from yarl import URL
 from canary.contract import (
     Check, Duration, format_duration, marker_headers, PhaseTimer, Probe, ProbeSettings, Result, SyntheticHeader, USER_AGENT,
 )
+from probes.cleanup import ShieldedCleanups
 from probes.conditions import Condition, parse_condition
 from probes.transport import (
     ExpectedStatuses, client_error_result, client_tls_context, http_url, new_session, read_limited, secret_headers,
@@ -154,19 +157,24 @@ class TransactionProbe(Probe[TransactionSettings]):
         self._extracts = {step.name: {v: parse_path(p) for v, p in step.extract.items()} for step in settings.steps}
         self._headers = {"User-Agent": USER_AGENT, **settings.headers}
         self._headers.update(marker_headers(settings.synthetic_header))
+        self._cleanups = ShieldedCleanups()
+
+    async def close(self) -> None:
+        await self._cleanups.drain()
 
     async def run(self, timer: PhaseTimer) -> Result:
         variables = {"run_id": secrets.token_hex(6), "timestamp": str(int(time.time()))}
-        async with new_session(ssl_context=client_tls_context(self.settings.verify_tls, None)) as session:
-            try:
-                result = await self._run_steps(session, timer, variables)
-            except asyncio.CancelledError:
-                # Timed out or stopped mid-run: clean up before letting the cancellation through.
-                problem = await asyncio.shield(self._cleanup(session, None, variables))
-                if problem:
-                    log.warning("probe %s: cleanup after an interrupted run failed: %s", self.settings.name, problem)
-                raise
-            problem = await self._cleanup(session, timer, variables)
+        session = new_session(ssl_context=client_tls_context(self.settings.verify_tls, None))
+        try:
+            result = await self._run_steps(session, timer, variables)
+        except BaseException:
+            # Timed out, stopped mid-run, or a bug: clean up before the exception goes on.
+            work = self._cleanup_then_close(session, None, variables)
+            self._log_interrupted(await self._cleanups.run(work, if_interrupted=self._log_interrupted))
+            raise
+        # Shielded here too: the runner's timeout may fire while the cleanup runs.
+        work = self._cleanup_then_close(session, timer, variables)
+        problem = await self._cleanups.run(work, if_interrupted=self._log_interrupted)
         if problem is None:
             return result
         if result.success:
@@ -256,6 +264,20 @@ class TransactionProbe(Probe[TransactionSettings]):
         if failed:
             return checks, document, Result.fail("assertion", "; ".join(failed), checks=tuple(checks))
         return checks, document, None
+
+    def _log_interrupted(self, problem: str | None) -> None:
+        """A cleanup failure the result cannot report, because the run was cancelled."""
+        if problem:
+            log.warning("probe %s: cleanup after an interrupted run failed: %s", self.settings.name, problem)
+
+    async def _cleanup_then_close(
+        self, session: aiohttp.ClientSession, timer: PhaseTimer | None, variables: dict[str, str]
+    ) -> str | None:
+        """The cleanup owns the run's session: it is closed only once the cleanup no longer needs it."""
+        try:
+            return await self._cleanup(session, timer, variables)
+        finally:
+            await session.close()
 
     async def _cleanup(
         self, session: aiohttp.ClientSession, timer: PhaseTimer | None, variables: dict[str, str]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from pydantic import ValidationError
 
 from canary.runner import run_once
@@ -19,7 +20,7 @@ from canary.sandbox.faults import FAULTS
 from canary.sandbox.platform import DESK
 from canary.scrub import Scrubber
 from probes.transaction import TransactionProbe, TransactionSettings
-from tests.conftest import ROOT, Process, free_port, probe_command, wait_for_port, write_config
+from tests.conftest import ROOT, Process, free_port, probe_command, start_app, wait_for_port, wait_until, write_config
 
 
 def web_form(platform: str, within: str = "3s", **overrides: Any) -> TransactionSettings:
@@ -179,6 +180,92 @@ async def test_a_hanging_cleanup_is_bounded_by_cleanup_timeout(sandbox) -> None:
     assert result.reason == "cleanup" and "no answer within cleanup_timeout 1s" in result.message
     assert time.monotonic() - started < 3
     app[DESK].tickets.clear()
+
+
+# --- cleanup that outlives the runner's timeout -----------------------------------------------------------------
+
+SLOW_DESK = web.AppKey("slow_desk", dict)
+
+
+async def _slow_submit(request: web.Request) -> web.Response:
+    desk = request.app[SLOW_DESK]
+    await asyncio.sleep(desk["submit_seconds"])
+    ticket_id = f"t{len(desk['created']) + 1}"
+    desk["created"].append(ticket_id)
+    desk["open"].add(ticket_id)
+    return web.json_response({"id": ticket_id}, status=201)
+
+
+async def _slow_delete(request: web.Request) -> web.Response:
+    desk = request.app[SLOW_DESK]
+    desk["deletes_started"] += 1
+    await asyncio.sleep(desk["delete_seconds"])  # cancelled (nothing deleted) if the client gives up first
+    desk["open"].discard(request.match_info["ticket_id"])
+    return web.Response(status=204)
+
+
+@pytest.fixture
+async def slow_desk():  # type: ignore[no-untyped-def]
+    """A ticket API whose submit takes 0.3 s and whose delete takes 1 s. It drops a request whose client went away
+    (handler cancellation), so a delete the canary stops waiting for never happens, as on a platform whose request
+    is rolled back when the connection goes."""
+    app = web.Application()
+    app[SLOW_DESK] = {"submit_seconds": 0.3, "delete_seconds": 1.0, "created": [], "open": set(), "deletes_started": 0}
+    app.router.add_post("/tickets", _slow_submit)
+    app.router.add_delete("/tickets/{ticket_id}", _slow_delete)
+    runner, url = await start_app(app, handler_cancellation=True)
+    try:
+        yield app[SLOW_DESK], url
+    finally:
+        await runner.cleanup()
+
+
+def submit_then_delete(base: str) -> TransactionSettings:
+    return TransactionSettings.model_validate({
+        "name": "slow-desk", "type": "transaction", "channel": "web_form", "interval": "1m", "timeout": "20s",
+        "base_url": base,
+        "steps": [{"name": "submit", "method": "POST", "url": "/tickets", "json": {"subject": "[canary] {run_id}"},
+                   "extract": {"ticket_id": "id"}}],
+        "cleanup": [{"name": "delete_ticket", "method": "DELETE", "url": "/tickets/{ticket_id}"}],
+        "cleanup_timeout": "5s",
+    })
+
+
+async def test_cleanup_cut_off_by_the_runners_timeout_still_deletes_the_ticket(slow_desk) -> None:  # type: ignore[no-untyped-def]
+    # submit (0.3 s) passes, the runner's 0.6 s timeout fires during the 1 s delete: the delete must still finish.
+    desk, base = slow_desk
+    started = time.monotonic()
+    result = await run(submit_then_delete(base), timeout=0.6)
+
+    assert result.reason == "timeout", result.message
+    assert time.monotonic() - started < 0.6 + 5 + 2  # the run's bound: timeout + cleanup_timeout
+    await wait_until(lambda: not desk["open"], timeout=7)
+    assert len(desk["created"]) == 1 and desk["deletes_started"] == 1
+
+
+async def test_cancelling_a_run_during_its_cleanup_waits_for_the_cleanup_then_propagates(slow_desk) -> None:  # type: ignore[no-untyped-def]
+    desk, base = slow_desk
+    task = asyncio.create_task(run(submit_then_delete(base)))
+    await wait_until(lambda: desk["deletes_started"] == 1, timeout=5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert desk["created"] and not desk["open"]
+
+
+async def test_a_second_cancellation_leaves_the_cleanup_running_and_close_waits_for_it(slow_desk) -> None:  # type: ignore[no-untyped-def]
+    desk, base = slow_desk
+    probe = TransactionProbe(submit_then_delete(base))
+    task = asyncio.create_task(run_once(probe, 20.0, Scrubber()))
+    await wait_until(lambda: desk["deletes_started"] == 1, timeout=5)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    task.cancel()  # a second SIGTERM: stop waiting, not cleaning
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert desk["open"], "the run waited for the whole delete although it was cancelled twice"
+    await asyncio.wait_for(probe.close(), timeout=5 + 2)  # close() waits for the cleanup still running
+    assert not desk["open"]
 
 
 async def test_connection_refused_names_the_step() -> None:
