@@ -5,14 +5,19 @@ twilio package over the PUBLIC URL Twilio would call (the platform usually sits 
 checks signatures against the URL Twilio called, not the one it received). A 2xx with TwiML passes the `signed` phase. Then, unless turned
 off, the `forged` phase sends the identical request with a wrong signature, which must be refused: a platform
 that accepts it would take messages from anyone, and fails the probe as `insecure`. An optional `cleanup`
-request removes what the message created, after the checks, whatever they found.
+request removes what the message created, after the checks, whatever they found — also when the runner's timeout
+or a stop cut the checks off: it is shielded from the run's cancellation and bounded by `cleanup_timeout` (see
+`probes/cleanup.py`), so a run lasts at most `timeout + cleanup_timeout`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import secrets
 import ssl
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Literal
 from urllib.parse import urlsplit
@@ -22,13 +27,17 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from twilio.request_validator import SIGNATURE_HEADER, RequestValidator
 
-from canary.contract import Check, marker_headers, PhaseTimer, Probe, ProbeSettings, Result, SyntheticHeader
+from canary.contract import (
+    Check, Duration, format_duration, marker_headers, PhaseTimer, Probe, ProbeSettings, Result, SyntheticHeader,
+)
+from probes.cleanup import ShieldedCleanups
 from probes.transport import (
     LazySession,
     CaFile, ExpectedStatuses, HttpUrl, client_error_result, client_tls_context, http_url, new_session, read_limited,
     secret_headers, status_matches,
 )
 
+log = logging.getLogger("probes.whatsapp")
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _ACCOUNT_SID = r"^AC[0-9a-fA-F]{32}$"
 _TWILIO_USER_AGENT = "TwilioProxy/1.1"  # what Twilio's webhook requests carry
@@ -77,6 +86,7 @@ class WhatsAppSettings(ProbeSettings):
     ca_file: CaFile | None = None
     max_body_bytes: int = Field(default=65_536, gt=0)
     cleanup: WhatsAppCleanup | None = None
+    cleanup_timeout: Duration = 5.0
 
     @field_validator("public_url")
     @classmethod
@@ -129,8 +139,10 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
         self._headers.update(marker_headers(settings.synthetic_header))
         self._ssl: ssl.SSLContext = client_tls_context(settings.verify_tls, settings.ca_file)
         self._sessions = LazySession(ssl_context=self._ssl, force_close=True, limit=2)
+        self._cleanups = ShieldedCleanups()
 
     async def close(self) -> None:
+        await self._cleanups.drain()
         await self._sessions.close()
 
     def message_params(self, message_sid: str) -> dict[str, str]:
@@ -157,10 +169,18 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
     async def run(self, timer: PhaseTimer) -> Result:
         message_sid = "SM" + secrets.token_hex(16)
         params = self.message_params(message_sid)
-        result = await self._checks(params, timer)
         if self.settings.cleanup is None:
-            return result
-        return await self._cleanup(message_sid, result, timer)
+            return await self._checks(params, timer)
+        try:
+            result = await self._checks(params, timer)
+        except BaseException:
+            # Timed out or stopped mid-check: the message may exist already; remove it before the exception goes on.
+            outcome = await self._cleanups.run(self._cleanup(message_sid, None), if_interrupted=self._log_interrupted)
+            self._log_interrupted(outcome)
+            raise
+        # Shielded here too: the runner's timeout may fire while the cleanup runs.
+        outcome = await self._cleanups.run(self._cleanup(message_sid, timer), if_interrupted=self._log_interrupted)
+        return _with_cleanup(result, *outcome)
 
     async def _checks(self, params: dict[str, str], timer: PhaseTimer) -> Result:
         signature = self._validator.compute_signature(self.settings.signed_url(), params)
@@ -226,27 +246,42 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
             )
         return Result.fail("status", f"forged webhook answered HTTP {status}, expected {expected}", checks=checks)
 
-    async def _cleanup(self, message_sid: str, result: Result, timer: PhaseTimer) -> Result:
-        """Runs after the checks whatever they found; a failure here is `cleanup` only if they had passed."""
+    def _log_interrupted(self, outcome: tuple[bool, str]) -> None:
+        """A cleanup failure the result cannot report, because the run was cancelled."""
+        passed, detail = outcome
+        if not passed:
+            log.warning("probe %s: cleanup after an interrupted run failed: %s", self.settings.name, detail)
+
+    async def _cleanup(self, message_sid: str, timer: PhaseTimer | None) -> tuple[bool, str]:
+        """The cleanup request, bounded by `cleanup_timeout`: (passed, "HTTP 204" or what went wrong)."""
         cleanup = self.settings.cleanup
         assert cleanup is not None
-        session = self._sessions.get()
         url = cleanup.url.format(message_sid=message_sid)
         try:
-            with timer.phase("cleanup"):
-                async with session.request(cleanup.method, url, headers=self._headers, allow_redirects=False) as response:
-                    await read_limited(response, self.settings.max_body_bytes)
-                    status = response.status
+            with timer.phase("cleanup") if timer is not None else nullcontext():
+                async with asyncio.timeout(self.settings.cleanup_timeout):
+                    session = self._sessions.get()
+                    async with session.request(cleanup.method, url, headers=self._headers, allow_redirects=False) as response:
+                        await read_limited(response, self.settings.max_body_bytes)
+                        status = response.status
         except aiohttp.ClientError as exc:
-            problem = f"cleanup {cleanup.method} failed: {client_error_result(exc).message}"
-        else:
-            if status_matches(status, cleanup.expect_status):
-                return replace(result, checks=(*result.checks, Check(True, f"[CLEANUP] HTTP {status}")))
-            problem = f"cleanup {cleanup.method} answered HTTP {status}, expected {_shown(cleanup.expect_status)}"
-        checks = (*result.checks, Check(False, f"[CLEANUP] {problem}"))
-        if result.success:
-            return Result.fail("cleanup", f"{result.message}, but {problem}", checks=checks)
-        return Result.fail(result.reason, f"{result.message}; also {problem}", checks=checks)
+            return False, f"cleanup {cleanup.method} failed: {client_error_result(exc).message}"
+        except TimeoutError:
+            return False, (f"cleanup {cleanup.method} got no answer within cleanup_timeout "
+                           f"{format_duration(self.settings.cleanup_timeout)}")
+        if status_matches(status, cleanup.expect_status):
+            return True, f"HTTP {status}"
+        return False, f"cleanup {cleanup.method} answered HTTP {status}, expected {_shown(cleanup.expect_status)}"
+
+
+def _with_cleanup(result: Result, passed: bool, detail: str) -> Result:
+    """The checks' result with the cleanup's outcome: a failed cleanup is `cleanup` only if the checks had passed."""
+    checks = (*result.checks, Check(passed, f"[CLEANUP] {detail}"))
+    if passed:
+        return replace(result, checks=checks)
+    if result.success:
+        return Result.fail("cleanup", f"{result.message}, but {detail}", checks=checks)
+    return Result.fail(result.reason, f"{result.message}; also {detail}", checks=checks)
 
 
 def _in_phase(what: str, failure: Result, checks: tuple[Check, ...] = ()) -> Result:

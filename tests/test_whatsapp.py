@@ -22,7 +22,7 @@ from canary.sandbox.whatsapp import DEFAULT_AUTH_TOKEN
 from canary.scrub import Scrubber
 from probes import PROBE_TYPES
 from probes.whatsapp import WhatsAppProbe, WhatsAppSettings
-from tests.conftest import free_port, start_app, write_config
+from tests.conftest import free_port, start_app, wait_until, write_config
 
 ACCOUNT_SID = "AC" + "0" * 32
 CANARY_NUMBER = "+15005550006"
@@ -95,9 +95,13 @@ async def _recording_webhook(request: web.Request) -> web.Response:
 
 
 async def _cleanup_endpoint(request: web.Request) -> web.Response:
+    behaviour = request.app[BEHAVIOUR]
+    behaviour["cleanups_started"] = behaviour.get("cleanups_started", 0) + 1
+    # Cancelled, recording nothing, when the client gives up first (the recorder drops such requests).
+    await asyncio.sleep(behaviour.get("cleanup_seconds", 0.0))
     request.app[RECEIVED].append({"cleanup": request.match_info["sid"], "method": request.method,
                                   "headers": dict(request.headers)})
-    return web.Response(status=request.app[BEHAVIOUR].get("cleanup_status", 204))
+    return web.Response(status=behaviour.get("cleanup_status", 204))
 
 
 @pytest.fixture
@@ -107,7 +111,7 @@ async def recorder() -> AsyncIterator[tuple[web.Application, str]]:
     app[BEHAVIOUR] = {}
     app.router.add_post("/whatsapp/webhook", _recording_webhook)
     app.router.add_route("*", "/cleanup/{sid}", _cleanup_endpoint)
-    runner, base = await start_app(app)
+    runner, base = await start_app(app, handler_cancellation=True)
     try:
         yield app, base
     finally:
@@ -405,6 +409,58 @@ async def test_unreachable_cleanup_fails_as_cleanup(recorder: tuple[web.Applicat
 
     assert result.reason == "cleanup"
     assert "cleanup DELETE failed: cannot connect" in result.message
+
+
+async def test_cleanup_cut_off_by_the_runners_timeout_still_completes(recorder: tuple[web.Application, str]) -> None:
+    # The checks pass quickly; the runner's 0.6 s timeout fires during the 1 s cleanup, which must still finish.
+    app, base = recorder
+    app[BEHAVIOUR]["cleanup_seconds"] = 1.0
+    started = asyncio.get_running_loop().time()
+    [result] = await probe_once(base, timeout=0.6, cleanup={"url": base + "/cleanup/{message_sid}"})
+
+    assert result.reason == "timeout", result.message
+    assert asyncio.get_running_loop().time() - started < 0.6 + 5 + 2  # timeout + cleanup_timeout
+    await wait_until(lambda: any("cleanup" in entry for entry in app[RECEIVED]), timeout=7)
+    [cleanup] = [entry for entry in app[RECEIVED] if "cleanup" in entry]
+    assert cleanup["cleanup"] == app[RECEIVED][0]["form"]["MessageSid"]
+
+
+async def test_cleanup_runs_after_a_timeout_during_the_checks(platform: Sandbox,
+                                                              recorder: tuple[web.Application, str]) -> None:
+    app, cleanup_base = recorder
+    base = await platform()
+    await set_faults(base, whatsapp_webhook="hang")
+    [result] = await probe_once(base, timeout=SHORT_TIMEOUT, cleanup={"url": cleanup_base + "/cleanup/{message_sid}"})
+
+    assert result.reason == "timeout" and "during signed" in result.message
+    await wait_until(lambda: bool(app[RECEIVED]), timeout=7)
+    [cleanup] = app[RECEIVED]
+    assert MESSAGE_SID.match(cleanup["cleanup"]) and cleanup["method"] == "DELETE"
+
+
+async def test_cancelling_a_run_during_its_cleanup_waits_for_the_cleanup_then_propagates(
+    recorder: tuple[web.Application, str]
+) -> None:
+    app, base = recorder
+    app[BEHAVIOUR]["cleanup_seconds"] = 1.0
+    task = asyncio.create_task(probe_once(base, timeout=20, cleanup={"url": base + "/cleanup/{message_sid}"}))
+    await wait_until(lambda: app[BEHAVIOUR].get("cleanups_started") == 1, timeout=5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [entry.get("cleanup") for entry in app[RECEIVED]][-1] == app[RECEIVED][0]["form"]["MessageSid"]
+
+
+async def test_a_hanging_cleanup_is_bounded_by_cleanup_timeout(recorder: tuple[web.Application, str]) -> None:
+    app, base = recorder
+    app[BEHAVIOUR]["cleanup_seconds"] = 30.0
+    started = asyncio.get_running_loop().time()
+    [result] = await probe_once(base, timeout=5, cleanup={"url": base + "/cleanup/{message_sid}"},
+                                cleanup_timeout="500ms")
+
+    assert result.reason == "cleanup"
+    assert result.message.endswith("but cleanup DELETE got no answer within cleanup_timeout 500ms")
+    assert asyncio.get_running_loop().time() - started < 0.5 + 2
 
 
 # --- settings and config ------------------------------------------------------------------------------------------
