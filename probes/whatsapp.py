@@ -3,8 +3,10 @@
 One run posts the form fields Twilio posts, with a fresh MessageSid, signed with `X-Twilio-Signature` by the
 twilio package over the PUBLIC URL Twilio would call (the platform usually sits behind a proxy or tunnel, and
 checks signatures against the URL Twilio called, not the one it received). A 2xx with TwiML passes the `signed` phase. Then, unless turned
-off, the `forged` phase sends the identical request with a wrong signature, which must be refused: a platform
-that accepts it would take messages from anyone, and fails the probe as `insecure`. An optional `cleanup`
+off, the `forged` phase sends the identical request with a wrong signature and the `unsigned` phase sends it with
+no `X-Twilio-Signature` at all; both must be refused: a platform that accepts either would take messages from
+anyone (a validator that only checks a signature when one is present is a common bug), and fails the probe as
+`insecure`. An optional `cleanup`
 request removes what the message created, after the checks, whatever they found — also when the runner's timeout
 or a stop cut the checks off: it is shielded from the run's cancellation and bounded by `cleanup_timeout` (see
 `probes/cleanup.py`), so a run lasts at most `timeout + cleanup_timeout`.
@@ -42,6 +44,14 @@ _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _ACCOUNT_SID = r"^AC[0-9a-fA-F]{32}$"
 _TWILIO_USER_AGENT = "TwilioProxy/1.1"  # what Twilio's webhook requests carry
 _AUTH_REFUSED = (401, 403)
+# The requests that must be refused, by phase: how a refusal reads, and what accepting one means.
+_REFUSED = {"forged": "forged signature", "unsigned": "unsigned request"}
+_ACCEPTED = {
+    "forged": "the platform accepted a webhook with a forged X-Twilio-Signature (HTTP {status}); it must refuse it "
+              "with {expected}: anyone can post messages as Twilio",
+    "unsigned": "the platform accepts unsigned webhooks: a request without X-Twilio-Signature was answered "
+                "HTTP {status}; it must refuse it with {expected}: anyone can post messages as Twilio",
+}
 
 
 def _shown(statuses: list[int | str]) -> str:
@@ -78,6 +88,7 @@ class WhatsAppSettings(ProbeSettings):
     to_number: str
     body: str = Field(default="[canary] synthetic check", min_length=1, max_length=1600)
     profile_name: str = Field(default="Channel Canary", max_length=100)
+    # Both govern the forged AND the unsigned request: answers that count as refusing them, and whether to send them.
     expect_forged_status: ExpectedStatuses = Field(default_factory=lambda: [403])
     check_forged: bool = True
     headers: dict[str, str] = Field(default_factory=dict)
@@ -198,15 +209,24 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
         forged_signature = RequestValidator(secrets.token_urlsafe(24)).compute_signature(
             self.settings.signed_url(), params
         )
-        try:
-            with timer.phase("forged"):
-                forged_status, _, _ = await self._post(params, forged_signature)
-        except aiohttp.ClientError as exc:
-            return _in_phase("forged webhook", client_error_result(exc), signed.checks)
-        return self._judge_forged(forged_status, signed)
+        forged = await self._must_be_refused("forged", params, forged_signature, signed, timer)
+        if not forged.success:
+            return forged
+        return await self._must_be_refused("unsigned", params, None, forged, timer)
 
-    async def _post(self, params: dict[str, str], signature: str) -> tuple[int, bytes, str]:
-        headers = {**self._headers, SIGNATURE_HEADER: signature}
+    async def _must_be_refused(
+        self, phase: str, params: dict[str, str], signature: str | None, before: Result, timer: PhaseTimer
+    ) -> Result:
+        """Send the same message with a bad signature or none; `before` is the result so far, to extend."""
+        try:
+            with timer.phase(phase):
+                status, _, _ = await self._post(params, signature)
+        except aiohttp.ClientError as exc:
+            return _in_phase(f"{phase} webhook", client_error_result(exc), before.checks)
+        return self._judge_refusal(phase, status, before)
+
+    async def _post(self, params: dict[str, str], signature: str | None) -> tuple[int, bytes, str]:
+        headers = {**self._headers, SIGNATURE_HEADER: signature} if signature is not None else self._headers
         session = self._sessions.get()
         async with session.post(self.settings.url, data=params, headers=headers, allow_redirects=False) as response:
             body, error = await read_limited(response, self.settings.max_body_bytes)
@@ -231,20 +251,15 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
                                checks=tuple(checks))
         return Result.ok(f"signed webhook answered HTTP {status} with TwiML", checks=tuple(checks))
 
-    def _judge_forged(self, status: int, signed: Result) -> Result:
+    def _judge_refusal(self, phase: str, status: int, before: Result) -> Result:
         expected = _shown(self.settings.expect_forged_status)
         passed = status_matches(status, self.settings.expect_forged_status)
-        checks = (*signed.checks, Check(passed, f"[FORGED] HTTP {status} in ({expected})"))
+        checks = (*before.checks, Check(passed, f"[{phase.upper()}] HTTP {status} in ({expected})"))
         if passed:
-            return Result.ok(f"{signed.message}; forged signature refused with HTTP {status}", checks=checks)
+            return Result.ok(f"{before.message}; {_REFUSED[phase]} refused with HTTP {status}", checks=checks)
         if 200 <= status < 300:
-            return Result.fail(
-                "insecure",
-                f"the platform accepted a webhook with a forged X-Twilio-Signature (HTTP {status}); it must refuse "
-                f"it with {expected}: anyone can post messages as Twilio",
-                checks=checks,
-            )
-        return Result.fail("status", f"forged webhook answered HTTP {status}, expected {expected}", checks=checks)
+            return Result.fail("insecure", _ACCEPTED[phase].format(status=status, expected=expected), checks=checks)
+        return Result.fail("status", f"{phase} webhook answered HTTP {status}, expected {expected}", checks=checks)
 
     def _log_interrupted(self, outcome: tuple[bool, str]) -> None:
         """A cleanup failure the result cannot report, because the run was cancelled."""
