@@ -80,8 +80,20 @@ class Observation:
 
 @dataclass(slots=True)
 class PartitionHistory:
+    """A partition's last `window` observations, and when its consumer last made progress."""
+
     window: deque[Observation]
     last_moved: float
+
+    @classmethod
+    def start(cls, size: int, now: float) -> "PartitionHistory":
+        return cls(deque(maxlen=size), now)
+
+    def observe(self, observation: Observation, now: float) -> None:
+        """Add one run's observation; a commit that moved the offset is progress."""
+        if self.window and self.window[-1].committed != observation.committed:
+            self.last_moved = now
+        self.window.append(observation)
 
 
 def partition_status(history: PartitionHistory, size: int, now: float, stop_after: float) -> Status:
@@ -153,10 +165,8 @@ class KafkaLagProbe(Probe[KafkaLagSettings]):
         key = (group, partition.topic, partition.partition)
         history = self._history.get(key)
         if history is None:
-            history = self._history[key] = PartitionHistory(deque(maxlen=self.settings.window), now)
-        elif history.window[-1].committed != observation.committed:
-            history.last_moved = now
-        history.window.append(observation)
+            history = self._history[key] = PartitionHistory.start(self.settings.window, now)
+        history.observe(observation, now)
         return partition_status(history, self.settings.window, now, self.settings.stop_after)
 
 
