@@ -10,7 +10,8 @@ Each run adds one observation (committed offset, lag) per partition to a window 
 in the probe instance. A partition's status, first rule that matches:
 
 1. lag is 0 now → OK (0)
-2. lag > 0 and the committed offset has not moved for longer than `stop_after` → STOP (3)
+2. lag > 0 and no progress for longer than `stop_after` → STOP (3); progress is a commit that moved the offset,
+   or an observation with lag 0 (a caught-up consumer has nothing to commit)
 3. the window is not yet full, or lag was 0 at any point in it → OK (0)
 4. the committed offset is the same in every observation of the window → STALL (2)
 5. the committed offset moved, but lag never fell across the window and ended higher than it began → WARN (1)
@@ -90,8 +91,10 @@ class PartitionHistory:
         return cls(deque(maxlen=size), now)
 
     def observe(self, observation: Observation, now: float) -> None:
-        """Add one run's observation; a commit that moved the offset is progress."""
-        if self.window and self.window[-1].committed != observation.committed:
+        """Add one run's observation. Progress is a commit that moved the offset, or no lag at all: a caught-up
+        consumer has nothing to commit, and its clock must not run towards STOP meanwhile (Burrow PR #338)."""
+        moved = bool(self.window) and self.window[-1].committed != observation.committed
+        if moved or observation.lag <= 0:
             self.last_moved = now
         self.window.append(observation)
 
