@@ -335,6 +335,14 @@ class ProbeSettings(BaseModel):
         """A short, secret-free description of what the probe talks to, for `probe list` and the status page."""
         return ""
 
+    def check_timing(self, timeout: float, inherited_from: str | None) -> str | None:
+        """Why this probe cannot work under `timeout`, its effective timeout, or None.
+
+        Called at load once `timeout` is known (the probe's own, or `inherited_from` the named default), because
+        a limit such as an LLM's `slow_after` must stay below it. The answer is `KEY: problem`, naming the key
+        to change; the loader prefixes the probe's path."""
+        return None
+
     def secret_values(self) -> list[str]:
         """Every secret this probe's settings hold, so they can be scrubbed from all output."""
         return _walk_secrets(self)
