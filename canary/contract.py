@@ -78,15 +78,15 @@ class Gauge:
             raise ValueError(f"figure kind {self.kind!r} is neither 'gauge' nor 'counter'")
         if self.kind == "counter" and self.name.endswith("_total"):
             raise ValueError(f"counter name {self.name!r} must not end in _total (the exporter adds it)")
+        for label, _ in self.labels:
+            if not _LABEL_NAME.match(label) or label.startswith("__"):
+                raise ValueError(f"gauge label {label!r} is not a valid label name")
 
     @property
     def family(self) -> str:
         """The metric name as exported."""
         suffix = "_total" if self.kind == "counter" else ""
         return f"canary_probe_{self.name}{suffix}"
-        for label, _ in self.labels:
-            if not _LABEL_NAME.match(label) or label.startswith("__"):
-                raise ValueError(f"gauge label {label!r} is not a valid label name")
 
 
 @dataclass(frozen=True, slots=True)

@@ -106,9 +106,15 @@ def test_a_counter_figure_is_exported_typed_as_a_counter_with_total() -> None:
     assert families["canary_probe_redis_connected_clients"].type == "gauge"
 
 
-def test_a_counter_figure_must_not_name_its_own_total() -> None:
-    with pytest.raises(ValueError, match="must not end in _total"):
-        Gauge("rejected_total", 1, "x", kind="counter")
+@pytest.mark.parametrize(("figure", "error"), [
+    (dict(name="rejected_total", kind="counter"), "must not end in _total"),
+    (dict(name="rejected", kind="histogram"), "neither 'gauge' nor 'counter'"),
+    (dict(name="rejected", labels=(("__name__", "x"),)), "not a valid label name"),
+    (dict(name="rejected", kind="counter", labels=(("bad-label", "x"),)), "not a valid label name"),
+])
+def test_a_figure_that_would_break_the_scrape_is_refused(figure: dict, error: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ValueError, match=error):
+        Gauge(value=1, help="x", **figure)
 
 
 def test_phases_of_the_last_run_are_exported() -> None:
