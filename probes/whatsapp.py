@@ -6,10 +6,9 @@ checks signatures against the URL Twilio called, not the one it received). A 2xx
 off, the `forged` phase sends the identical request with a wrong signature and the `unsigned` phase sends it with
 no `X-Twilio-Signature` at all; both must be refused: a platform that accepts either would take messages from
 anyone (a validator that only checks a signature when one is present is a common bug), and fails the probe as
-`insecure`. An optional `cleanup`
-request removes what the message created, after the checks, whatever they found — also when the runner's timeout
-or a stop cut the checks off: it is shielded from the run's cancellation and bounded by `cleanup_timeout` (see
-`probes/cleanup.py`), so a run lasts at most `timeout + cleanup_timeout`.
+`insecure`. An optional `cleanup` request removes what the message created, after the checks, whatever they
+found — also when the runner's timeout or a stop cut the checks off: it is shielded from the run's cancellation
+and bounded by `cleanup_timeout` (see `probes/cleanup.py`), so a run lasts at most `timeout + cleanup_timeout`.
 """
 
 from __future__ import annotations
