@@ -174,10 +174,22 @@ def _inherit_defaults(
     settings: ProbeSettings, daemon: DaemonSettings, where: str, problems: list[str]
 ) -> ProbeSettings:
     interval = settings.interval or daemon.interval
-    timeout = settings.timeout or min(daemon.timeout, interval)
+    timeout, inherited_from = _effective_timeout(settings, daemon, interval)
     if timeout > interval:
         problems.append(f"{where}.timeout: {timeout:g}s is longer than the interval {interval:g}s (a probe never overlaps itself)")
+    problem = settings.check_timing(timeout, inherited_from)
+    if problem:
+        problems.append(f"{where}.{problem}")
     return settings.model_copy(update={"interval": interval, "timeout": timeout})
+
+
+def _effective_timeout(settings: ProbeSettings, daemon: DaemonSettings, interval: float) -> tuple[float, str | None]:
+    """The probe's timeout, and where it came from when the probe did not set it (for messages about it)."""
+    if settings.timeout:
+        return settings.timeout, None
+    if daemon.timeout <= interval:
+        return daemon.timeout, "[daemon].timeout"
+    return interval, "the probe's interval, shorter than [daemon].timeout"
 
 
 def _table(value: Any, where: str, problems: list[str]) -> dict[str, Any]:

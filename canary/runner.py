@@ -2,6 +2,8 @@
 
 This is the only place that catches a probe's exceptions: a hang becomes `timeout`, a crash or a
 malformed return becomes `internal`, and every message is scrubbed of secrets. Cancellation passes through.
+A probe that cleans up after itself finishes its (bounded) cleanup before it lets the timeout's cancellation
+through, so its run can end up to its `cleanup_timeout` after `timeout` (see `probes/cleanup.py`).
 """
 
 from __future__ import annotations

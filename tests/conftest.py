@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 from aiohttp import web
@@ -48,9 +48,12 @@ def postgres_dsn() -> str:
     return PG_DSN
 
 
-async def start_app(app: web.Application, ssl_context=None) -> tuple[web.AppRunner, str]:  # type: ignore[no-untyped-def]
-    """Serve an aiohttp app on a free loopback port; returns the runner and its base URL."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+async def start_app(app: web.Application, ssl_context=None, **options: Any) -> tuple[web.AppRunner, str]:  # type: ignore[no-untyped-def]
+    """Serve an aiohttp app on a free loopback port; returns the runner and its base URL.
+
+    `options` go to the AppRunner, e.g. `handler_cancellation=True` for a server that drops a request whose
+    client went away."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, **options)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context).start()
