@@ -19,12 +19,12 @@ from pydantic import Field, field_validator, model_validator
 from yarl import URL
 
 from canary.contract import (
-    SECRET_NAME, USER_AGENT, Check, PhaseTimer, Probe, ProbeSettings, Regex, Result, Scrubber, SyntheticHeader, marker_headers,
+    USER_AGENT, Check, PhaseTimer, Probe, ProbeSettings, Regex, Result, Scrubber, SyntheticHeader, marker_headers,
 )
 from probes.jsonpath import is_missing, lookup, parse_path
 from probes.transport import (
-    CaFile, ExpectedStatuses, HttpUrl, client_error_result, client_tls_context, read_limited, secret_headers,
-    status_matches,
+    CaFile, ExpectedStatuses, HttpUrl, RedirectRefused, client_error_result, client_tls_context, read_limited,
+    request_following_redirects, secret_headers, status_matches,
 )
 
 JsonScalar = str | int | float | bool | None
@@ -84,11 +84,7 @@ class HttpSettings(ProbeSettings):
         return super().secret_values() + secret_headers(self.headers)
 
 
-class _RedirectRefused(Exception):
-    pass
 
-
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class _PhaseRecorder(SimpleNamespace):
@@ -180,7 +176,7 @@ class HttpProbe(Probe[HttpSettings]):
         timer.begin("first_byte")
         try:
             answer = await self._fetch(session, recorder)
-        except _RedirectRefused as exc:
+        except RedirectRefused as exc:
             return Result.fail("redirect", str(exc))
         except aiohttp.ClientError as exc:
             return client_error_result(exc)
@@ -190,42 +186,18 @@ class HttpProbe(Probe[HttpSettings]):
         return self._judge(status, reason_phrase, body)
 
     async def _fetch(self, session: aiohttp.ClientSession, recorder: _PhaseRecorder) -> tuple[int, str, bytes, str]:
-        """The request, following redirects ourselves: a redirect to another host is refused before anything is
-        sent there, and one to another origin (scheme, host or port) drops every credential header first."""
         settings = self.settings
-        url, method, headers = self._url, settings.method, self._headers
-        data: Any = settings.body if settings.body is not None else settings.form
-        body_json = settings.body_json
-        for _ in range(settings.max_redirects + 1):
-            async with session.request(
-                method, url, headers=headers, data=data, json=body_json, allow_redirects=False,
-                trace_request_ctx=recorder,
-            ) as response:
-                location = response.headers.get("Location")
-                if not (settings.follow_redirects and response.status in _REDIRECTS and location):
-                    recorder.timer.begin("transfer")
-                    body, error = await read_limited(response, settings.max_body_bytes)
-                    recorder.timer.end("transfer")
-                    return response.status, response.reason or "", body, error
-                target = self._redirect_target(url, location)
-                if target.origin() != url.origin():
-                    headers = {name: value for name, value in headers.items() if not SECRET_NAME.search(name)}
-                if response.status == 303 or (response.status in (301, 302) and method == "POST"):
-                    method, data, body_json = ("HEAD" if method == "HEAD" else "GET"), None, None
-                url = target
-            recorder.timer.begin("first_byte")
-        raise _RedirectRefused(f"more than {settings.max_redirects} redirects")
-
-    def _redirect_target(self, current: URL, location: str) -> URL:
-        try:
-            target = current.join(URL(location))
-        except ValueError:
-            raise _RedirectRefused(f"redirected to an unreadable Location {location[:80]!r}") from None
-        if target.scheme not in ("http", "https") or not target.host:
-            raise _RedirectRefused(f"redirected to a non-HTTP location ({target.scheme or 'no scheme'})")
-        if target.host != self._url.host and not self.settings.allow_redirect_to_other_host:
-            raise _RedirectRefused(f"redirected to another host ({target.host}); allow_redirect_to_other_host is off")
-        return target
+        async with request_following_redirects(
+            session, settings.method, self._url, headers=self._headers,
+            data=settings.body if settings.body is not None else settings.form, json=settings.body_json,
+            follow=settings.follow_redirects, max_redirects=settings.max_redirects,
+            allow_other_host=settings.allow_redirect_to_other_host,
+            on_redirect=lambda: recorder.timer.begin("first_byte"), trace_request_ctx=recorder,
+        ) as response:
+            recorder.timer.begin("transfer")
+            body, error = await read_limited(response, settings.max_body_bytes)
+            recorder.timer.end("transfer")
+            return response.status, response.reason or "", body, error
 
     def _judge(self, status: int, reason_phrase: str, body: bytes) -> Result:
         settings = self.settings

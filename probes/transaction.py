@@ -35,7 +35,8 @@ from probes.cleanup import ShieldedCleanups
 from probes.conditions import Condition, parse_condition
 from probes.transport import (
     ExpectedStatuses, client_error_result, client_tls_context, http_url, new_session, OriginCookieJar, read_limited,
-    secret_headers, status_matches, Url, url_for_humans,
+    RedirectRefused, request_following_redirects, secret_headers, status_matches, Url, url_for_humans,
+    without_credentials,
 )
 from probes.jsonpath import is_missing, lookup, parse_path
 
@@ -161,13 +162,14 @@ class _StepFailed(Exception):
 
 class TransactionProbe(Probe[TransactionSettings]):
     settings_model = TransactionSettings
-    reasons = ("status", "tls", "dns", "connect", "body", "assertion", "slow", "cleanup")
+    reasons = ("status", "tls", "dns", "connect", "body", "redirect", "assertion", "slow", "cleanup")
 
     def __init__(self, settings: TransactionSettings) -> None:
         super().__init__(settings)
         self._conditions = {step.name: [parse_condition(c) for c in step.expect] for step in [*settings.steps, *settings.cleanup]}
         self._extracts = {step.name: {v: parse_path(p) for v, p in step.extract.items()} for step in settings.steps}
         self._headers = {"User-Agent": USER_AGENT, **settings.headers}
+        self._base_origin = URL(settings.base_url).origin() if settings.base_url else None
         self._headers.update(marker_headers(settings.synthetic_header))
         self._cleanups = ShieldedCleanups()
         self._secret_variables = {
@@ -259,13 +261,20 @@ class TransactionProbe(Probe[TransactionSettings]):
         data: Any = _fill(step.body, variables) if step.body is not None else None
         if step.form is not None:
             data = {key: _fill(value, variables) for key, value in step.form.items()}
-        headers = {**self._headers, **{k: _fill(v, variables) for k, v in step.headers.items()}}
+        # The probe's own headers may carry credentials for base_url: a step on another origin gets them without
+        # those (its own headers are its own); redirects to another origin drop them too.
+        shared = self._headers if URL(url).origin() == self._base_origin else without_credentials(self._headers)
+        headers = {**shared, **{k: _fill(v, variables) for k, v in step.headers.items()}}
         try:
-            async with session.request(step.method, url, headers=headers, data=data, json=body_json) as response:
+            async with request_following_redirects(
+                session, step.method, URL(url), headers=headers, data=data, json=body_json
+            ) as response:
                 body, error = await read_limited(response, step.max_body_bytes)
                 if error:
                     raise _StepFailed(Result.fail("body", error))
                 return response.status, body
+        except RedirectRefused as exc:
+            raise _StepFailed(Result.fail("redirect", str(exc))) from None
         except aiohttp.ClientError as exc:
             raise _StepFailed(client_error_result(exc)) from None
 

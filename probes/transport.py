@@ -16,7 +16,8 @@ import re
 import socket
 import ssl
 from http.cookies import BaseCookie
-from typing import Annotated, Sequence
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, AsyncIterator, Callable, Sequence
 
 import aiohttp
 from aiohttp.typedefs import LooseCookies
@@ -283,3 +284,66 @@ class LazySession:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+# --- redirects -------------------------------------------------------------------------------------------------------
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+class RedirectRefused(Exception):
+    """A redirect that was not followed: to another host when that is not allowed, unreadable, or one too many."""
+
+
+def without_credentials(headers: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in headers.items() if not SECRET_NAME.search(name)}
+
+
+@asynccontextmanager
+async def request_following_redirects(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: URL,
+    *,
+    headers: dict[str, str],
+    data: Any = None,
+    json: Any = None,
+    follow: bool = True,
+    max_redirects: int = 10,
+    allow_other_host: bool = True,
+    on_redirect: Callable[[], None] | None = None,
+    **options: Any,
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """The final response of a request whose redirects we follow ourselves, unlike aiohttp's, so that credentials
+    never cross to another origin: a hop to another scheme, host or port drops every credential header first (aiohttp
+    drops only Authorization), and a hop to another host is refused, when not allowed, before anything goes there."""
+    first_host = url.host
+    for _ in range(max_redirects + 1):
+        async with session.request(
+            method, url, headers=headers, data=data, json=json, allow_redirects=False, **options
+        ) as response:
+            location = response.headers.get("Location")
+            if not (follow and response.status in REDIRECT_STATUSES and location):
+                yield response
+                return
+            target = _redirect_target(url, location)
+            if target.host != first_host and not allow_other_host:
+                raise RedirectRefused(f"redirected to another host ({target.host}); allow_redirect_to_other_host is off")
+            if target.origin() != url.origin():
+                headers = without_credentials(headers)
+            if response.status == 303 or (response.status in (301, 302) and method == "POST"):
+                method, data, json = ("HEAD" if method == "HEAD" else "GET"), None, None
+            url = target
+        if on_redirect is not None:
+            on_redirect()
+    raise RedirectRefused(f"more than {max_redirects} redirects")
+
+
+def _redirect_target(current: URL, location: str) -> URL:
+    try:
+        target = current.join(URL(location))
+    except ValueError:
+        raise RedirectRefused(f"redirected to an unreadable Location {location[:80]!r}") from None
+    if target.scheme not in ("http", "https") or not target.host:
+        raise RedirectRefused(f"redirected to a non-HTTP location ({target.scheme or 'no scheme'})")
+    return target

@@ -506,3 +506,37 @@ def test_sigterm_mid_transaction_still_deletes_the_ticket(tmp_path: Path, sandbo
         assert call("/_sandbox/tickets")["tickets"] == []
     finally:
         daemon.stop()
+
+
+HEADERS_SEEN = web.AppKey("headers_seen", list)
+
+
+async def _record_headers(request: web.Request) -> web.Response:
+    request.app[HEADERS_SEEN].append(dict(request.headers))
+    return web.json_response({})
+
+
+async def test_the_probes_credential_headers_never_cross_to_another_origin(login_desk) -> None:  # type: ignore[no-untyped-def]
+    """Probe-level headers are for base_url: a step or a redirect to another origin goes without the credential
+    ones; a step's own headers are its own."""
+    _, base = login_desk
+    other = web.Application()
+    other[HEADERS_SEEN] = []
+    other.router.add_get("/echo", _record_headers)
+    runner, other_base = await start_app(other)
+    try:
+        settings = TransactionSettings.model_validate({
+            "name": "headers", "type": "transaction", "channel": "web_form", "interval": "1m", "timeout": "10s",
+            "base_url": base, "headers": {"X-Api-Key": "key-7781", "X-Team": "support"},
+            "steps": [
+                {"name": "direct", "url": f"{other_base}/echo", "headers": {"Authorization": "Bearer for-other"}},
+                {"name": "redirected", "url": "/away?to=" + quote(f"{other_base}/echo", safe="")},
+            ],
+        })
+        result = await run(settings)
+    finally:
+        await runner.cleanup()
+    assert result.success, result.message
+    direct, redirected = other[HEADERS_SEEN]
+    assert "X-Api-Key" not in direct and direct["Authorization"] == "Bearer for-other" and direct["X-Team"] == "support"
+    assert "X-Api-Key" not in redirected and redirected["X-Team"] == "support"
