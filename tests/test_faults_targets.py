@@ -1,0 +1,231 @@
+"""The fault suite: probes against real hostile servers on 127.0.0.1 (see `tests/hostile.py`).
+
+For every case: the probe fails within its timeout (plus a generous margin: CI is a loaded 2-core machine) with one
+specific reason from `canary.contract.REASONS` and a message that explains it; where the target can stall, a healthy
+neighbour probe in the same event loop keeps starting on time; where a target can send without end, memory stays
+bounded. Nothing a target sends may hold the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tracemalloc
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from canary.contract import REASONS, Result
+from canary.runner import run_once
+from canary.scrub import Scrubber
+from probes.http import HttpProbe, HttpSettings
+from tests.hostile import (
+    Certificates, Neighbour, Servers, certificates, endless_chunked, healthy_app, lying_length, never_answer,
+)
+
+TIMEOUT = 1.5  # the hostile probe's timeout
+MARGIN = 2.0  # how much later than its timeout a failing run may end, on a loaded machine
+
+
+# --- fixtures and helpers -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[Servers]:
+    started = Servers()
+    try:
+        yield started
+    finally:
+        await started.close()
+
+
+@pytest.fixture
+async def healthy(servers: Servers) -> str:
+    """A healthy server for the neighbour probe."""
+    return await servers.app(healthy_app())
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Certificates:
+    return certificates(tmp_path)
+
+
+def http_probe(url: str, **fields: Any) -> HttpProbe:
+    return HttpProbe(HttpSettings.model_validate({
+        "name": "hostile", "type": "http", "channel": "api", "interval": "10s", "timeout": f"{TIMEOUT}s",
+        "url": url, **fields,
+    }))
+
+
+async def run(probe: Any, timeout: float = TIMEOUT) -> tuple[Result, float]:
+    """One run through the runner (which owns the timeout); the result and how long it took. Closes the probe."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        result = await run_once(probe, timeout, Scrubber())
+    finally:
+        await probe.close()
+    elapsed = loop.time() - started
+    assert result.reason in REASONS
+    assert elapsed < timeout + MARGIN, f"the run took {elapsed:.2f}s, timeout {timeout}s"
+    return result, elapsed
+
+
+async def run_beside_neighbour(probe: Any, healthy: str, timeout: float = TIMEOUT) -> tuple[Result, Neighbour]:
+    """Runs the hostile probe while a healthy neighbour runs every 0.5 s; the neighbour must stay on time."""
+    async with Neighbour(healthy) as neighbour:
+        result, elapsed = await run(probe, timeout)
+        if elapsed < 1.0:  # a quick failure: let the neighbour show a second run all the same
+            await asyncio.sleep(1.0 - elapsed)
+    neighbour.assert_on_time()
+    return result, neighbour
+
+
+# --- http: a target that never answers --------------------------------------------------------------------------------
+
+
+async def test_http_target_that_accepts_and_never_answers_times_out_naming_first_byte(
+    servers: Servers, healthy: str
+) -> None:
+    server = await servers.raw(never_answer())
+    result, _ = await run_beside_neighbour(http_probe(f"{server.url}/health"), healthy)
+
+    assert (result.success, result.reason) == (False, "timeout")
+    assert result.message == "no answer within 1.5s during first_byte"
+    assert result.phases.get("connect", 0.0) > 0.0  # the connect did finish: it is the answer that never came
+    assert len(server.requests) == 1 and server.requests[0].startswith(b"GET /health HTTP/1.1")
+
+
+# --- http: a body without end --------------------------------------------------------------------------------------
+
+
+async def test_http_endless_chunked_body_fails_body_at_once_with_memory_bounded(servers: Servers, healthy: str) -> None:
+    limit = 1_048_576
+    server = await servers.raw(endless_chunked())
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        async with Neighbour(healthy) as neighbour:
+            result, elapsed = await run(http_probe(f"{server.url}/big", max_body_bytes=limit), timeout=10.0)
+            await asyncio.sleep(max(1.0 - elapsed, 0.0))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert (result.success, result.reason) == (False, "body")
+    assert result.message == f"body is larger than max_body_bytes ({limit})"
+    assert elapsed < 5.0  # refused while reading, long before the 10 s timeout (with tracemalloc slowing every step)
+    assert peak - before < 4 * limit, f"memory grew by {(peak - before) / 1e6:.1f} MB while reading"
+    assert limit < server.sent_bytes < 64 * limit  # the server was cut off, not read to its end
+    neighbour.assert_on_time()
+
+
+# --- http: Content-Length that lies ---------------------------------------------------------------------------------
+
+
+async def test_http_content_length_longer_than_the_body_then_close_fails_body(servers: Servers) -> None:
+    server = await servers.raw(lying_length(1000, b'{"status": "healthy"}', then="close"))
+    result, elapsed = await run(http_probe(f"{server.url}/health"))
+
+    assert (result.success, result.reason) == (False, "body")
+    assert result.message.startswith("body could not be read: ")
+    assert "content length" in result.message.lower()
+    assert elapsed < TIMEOUT  # the close ends it, not the timeout
+
+
+async def test_http_content_length_longer_than_the_body_held_open_times_out_in_transfer(
+    servers: Servers, healthy: str
+) -> None:
+    server = await servers.raw(lying_length(1000, b'{"status": "healthy"}', then="hold"))
+    result, _ = await run_beside_neighbour(http_probe(f"{server.url}/health"), healthy)
+
+    assert (result.success, result.reason) == (False, "timeout")
+    assert result.message == "no answer within 1.5s during transfer"
+
+
+async def test_http_content_length_shorter_than_the_body_is_a_malformed_answer(servers: Servers) -> None:
+    # HTTP/1.1 ends an answer after Content-Length bytes (RFC 9112 6.3): here `{"status":`. The bytes that follow
+    # in the same segment are read as the start of the next answer, and they are not one, so aiohttp refuses the
+    # stream: the probe reports a malformed answer (reason `status`: no valid answer, so no expected status), at
+    # once. The JSON check never sees the cut document.
+    server = await servers.raw(lying_length(10, b'{"status": "healthy"}', then="hold"))
+    result, elapsed = await run(http_probe(f"{server.url}/health", expect_json={"status": "healthy"}))
+
+    assert (result.success, result.reason) == (False, "status"), result.message
+    assert result.message.startswith("malformed answer: ") and "Bad status line" in result.message
+    assert elapsed < TIMEOUT
+
+
+@pytest.mark.parametrize("fresh_connection", [True, False])
+async def test_http_content_length_shorter_than_the_body_never_lets_the_rest_pass_for_the_next_answer(
+    servers: Servers, fresh_connection: bool
+) -> None:
+    # When what follows the declared bytes parses as an answer of its own (response splitting), the probe judges
+    # the answer it asked for, exactly as declared, as Go's net/http (blackbox_exporter) and curl do. The rest is
+    # never taken for the next run's answer: aiohttp closes a connection with bytes left over, even a kept-alive one.
+    document = b'{"status": "healthy"}'
+    server = await servers.raw(lying_length(len(document), document + b"HTTP/1.1 200 OK\r\n\r\nsmuggled", then="hold"))
+    probe = http_probe(f"{server.url}/health", expect_json={"status": "healthy"}, fresh_connection=fresh_connection)
+    try:
+        first = await run_once(probe, TIMEOUT, Scrubber())
+        second = await run_once(probe, TIMEOUT, Scrubber())
+    finally:
+        await probe.close()
+
+    for result in (first, second):
+        assert result.success, result.message
+        assert result.message == f"HTTP 200 OK, {len(document)} bytes"
+    assert server.connections == 2  # each run had a connection of its own
+
+
+# --- http: redirects and statuses ----------------------------------------------------------------------------------
+
+
+def redirect_app() -> web.Application:
+    async def loop(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/loop")
+
+    async def hops(request: web.Request) -> web.Response:
+        left = int(request.match_info["n"])
+        if left == 0:
+            return web.json_response({"status": "healthy"})
+        raise web.HTTPFound(f"/hops/{left - 1}")
+
+    async def status(request: web.Request) -> web.Response:
+        return web.Response(status=int(request.match_info["code"]), text="no")
+
+    app = web.Application()
+    app.router.add_get("/loop", loop)
+    app.router.add_get("/hops/{n}", hops)
+    app.router.add_get("/status/{code}", status)
+    return app
+
+
+async def test_http_redirect_loop_fails_redirect(servers: Servers) -> None:
+    base = await servers.app(redirect_app())
+    result, _ = await run(http_probe(f"{base}/loop"))
+
+    assert (result.success, result.reason) == (False, "redirect")
+    assert result.message == "more than 10 redirects"
+
+
+@pytest.mark.parametrize(("hops", "reason"), [(10, "ok"), (11, "redirect")])
+async def test_http_default_max_redirects_allows_ten_and_refuses_eleven(servers: Servers, hops: int, reason: str) -> None:
+    base = await servers.app(redirect_app())
+    result, _ = await run(http_probe(f"{base}/hops/{hops}", expect_json={"status": "healthy"}))
+
+    assert result.reason == reason, result.message
+    if reason == "redirect":
+        assert result.message == "more than 10 redirects"
+
+
+@pytest.mark.parametrize(("code", "phrase"), [(503, "Service Unavailable"), (404, "Not Found")])
+async def test_http_error_status_fails_status_naming_the_code(servers: Servers, code: int, phrase: str) -> None:
+    base = await servers.app(redirect_app())
+    result, _ = await run(http_probe(f"{base}/status/{code}"))
+
+    assert (result.success, result.reason) == (False, "status")
+    assert result.message == f"HTTP {code} {phrase}, expected 2xx"
