@@ -21,6 +21,7 @@ from canary.contract import REASONS, Result
 from canary.runner import run_once
 from canary.scrub import Scrubber
 from probes.http import HttpProbe, HttpSettings
+from probes.tls import TlsProbe, TlsSettings
 from tests.hostile import (
     Certificates, Neighbour, Servers, certificates, endless_chunked, healthy_app, lying_length, never_answer,
 )
@@ -229,3 +230,69 @@ async def test_http_error_status_fails_status_naming_the_code(servers: Servers, 
 
     assert (result.success, result.reason) == (False, "status")
     assert result.message == f"HTTP {code} {phrase}, expected 2xx"
+
+
+# --- TLS: expired, self-signed, another host --------------------------------------------------------------------------
+
+# (served certificate, whether the probe trusts the private CA, what the message must say)
+TLS_CASES = [
+    ("expired", True, "expired"),
+    ("self-signed", True, "self-signed"),
+    ("self-signed", False, "self-signed"),
+    ("other-host", True, "issued for another IP address"),
+]
+
+
+@pytest.mark.parametrize(("kind", "trust_ca", "said"), TLS_CASES)
+async def test_tls_probe_refuses_a_bad_certificate_saying_which(
+    servers: Servers, certs: Certificates, kind: str, trust_ca: bool, said: str
+) -> None:
+    base = await servers.app(healthy_app(), ssl_context=certs.context(kind))
+    port = int(base.rsplit(":", 1)[1])
+    probe = TlsProbe(TlsSettings.model_validate({
+        "name": "hostile-tls", "type": "tls", "channel": "api", "interval": "10s", "timeout": f"{TIMEOUT}s",
+        "host": "127.0.0.1", "port": port, **({"ca_file": certs.ca_file} if trust_ca else {}),
+    }))
+    result, _ = await run(probe)
+
+    assert (result.success, result.reason) == (False, "tls"), result.message
+    assert result.message.startswith(f"certificate of 127.0.0.1:{port} not accepted: {said}")
+
+
+async def test_tls_probe_refuses_a_certificate_for_another_host_name(servers: Servers, certs: Certificates) -> None:
+    base = await servers.app(healthy_app(), ssl_context=certs.context("other-host"))
+    port = int(base.rsplit(":", 1)[1])
+    probe = TlsProbe(TlsSettings.model_validate({
+        "name": "hostile-tls", "type": "tls", "channel": "api", "interval": "10s", "timeout": f"{TIMEOUT}s",
+        "host": "127.0.0.1", "port": port, "server_name": "api.canary.test", "ca_file": certs.ca_file,
+    }))
+    result, _ = await run(probe)
+
+    assert (result.success, result.reason) == (False, "tls"), result.message
+    assert result.message.startswith(f"certificate of 127.0.0.1:{port} not accepted: issued for another host name")
+
+
+@pytest.mark.parametrize(("kind", "trust_ca", "said"), TLS_CASES)
+async def test_http_probe_refuses_a_bad_certificate_saying_which(
+    servers: Servers, certs: Certificates, kind: str, trust_ca: bool, said: str
+) -> None:
+    base = await servers.app(healthy_app(), ssl_context=certs.context(kind))
+    probe = http_probe(f"{base}/ok", **({"ca_file": certs.ca_file} if trust_ca else {}))
+    result, _ = await run(probe)
+
+    assert (result.success, result.reason) == (False, "tls"), result.message
+    assert result.message.startswith(f"certificate not accepted: {said}")
+
+
+async def test_both_tls_probes_pass_a_good_certificate_from_the_private_ca(servers: Servers, certs: Certificates) -> None:
+    # The control: the same servers and CA, with a certificate that is fine.
+    base = await servers.app(healthy_app(), ssl_context=certs.context("valid"))
+    port = int(base.rsplit(":", 1)[1])
+    tls, _ = await run(TlsProbe(TlsSettings.model_validate({
+        "name": "good-tls", "type": "tls", "channel": "api", "interval": "10s", "timeout": f"{TIMEOUT}s",
+        "host": "127.0.0.1", "port": port, "ca_file": certs.ca_file, "min_days_remaining": 1,
+    })))
+    http, _ = await run(http_probe(f"{base}/ok", ca_file=certs.ca_file, expect_json={"status": "healthy"}))
+
+    assert tls.success, tls.message
+    assert http.success, http.message
