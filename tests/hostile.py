@@ -325,3 +325,78 @@ class Neighbour:
         assert not failed, failed
         worst = max(self.lateness)
         assert worst < self.interval / 2, f"the neighbour started {worst:.3f}s late (interval {self.interval}s)"
+
+
+# --- an OpenAI-compatible provider that misbehaves on request ----------------------------------------------------------
+
+
+@dataclass
+class LlmBehaviour:
+    """What the fake provider does; a test changes it between runs. `requests` is every call it received."""
+
+    model: str = "canary-model"
+    limited: int = 0  # how many of the next calls get a 429
+    retry_after: str | None = None  # the 429's Retry-After header, verbatim
+    completion: str = "ok"  # ok, invalid-json, empty-choices, trickle, flood, error-text
+    completion_headers: dict[str, str] = field(default_factory=dict)
+    error_text: str = ""  # the provider's error message for `error-text` (a 500)
+    requests: list[str] = field(default_factory=list)
+
+
+LLM = web.AppKey("llm", LlmBehaviour)
+
+
+def llm_app(behaviour: LlmBehaviour) -> web.Application:
+    """`GET /v1/models` and `POST /v1/chat/completions`, behaving as `behaviour` says at the moment of each call."""
+
+    def limited() -> web.Response | None:
+        if behaviour.limited <= 0:
+            return None
+        behaviour.limited -= 1
+        headers = {"retry-after": behaviour.retry_after} if behaviour.retry_after is not None else {}
+        return web.json_response({"error": {"message": "Rate limit reached", "code": "rate_limit_exceeded"}},
+                                 status=429, headers=headers)
+
+    async def models(request: web.Request) -> web.Response:
+        behaviour.requests.append(f"GET {request.path}")
+        return limited() or web.json_response({"object": "list", "data": [{"id": behaviour.model, "active": True}]})
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        behaviour.requests.append(f"POST {request.path}")
+        refused = limited()
+        if refused is not None:
+            return refused
+        mode = behaviour.completion
+        if mode == "ok":
+            return web.json_response({"choices": [{"message": {"role": "assistant", "content": "OK"}}]},
+                                     headers=behaviour.completion_headers)
+        if mode == "invalid-json":
+            return web.Response(text='{"choices": [{"message": ', content_type="application/json")
+        if mode == "empty-choices":
+            return web.json_response({"id": "x", "object": "chat.completion", "choices": []})
+        if mode == "error-text":
+            return web.json_response({"error": {"message": behaviour.error_text, "code": "server_error"}}, status=500)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HOLD_SECONDS
+        if mode == "trickle":  # headers, then a byte now and then, never the end
+            await response.write(b"data: {")
+            while loop.time() < deadline:
+                await asyncio.sleep(TRICKLE_EVERY)
+                await response.write(b" ")
+        else:
+            assert mode == "flood", mode
+            piece = b"data: " + b"a" * 65536 + b"\n"
+            sent = 0
+            while loop.time() < deadline and sent < ENDLESS_LIMIT_BYTES:
+                await response.write(piece)
+                sent += len(piece)
+        return response
+
+    app = web.Application()
+    app[LLM] = behaviour
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", completions)
+    return app

@@ -11,19 +11,23 @@ from __future__ import annotations
 import asyncio
 import json
 import tracemalloc
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
 from aiohttp import web
 
-from canary.contract import REASONS, Result
+from canary.contract import REASONS, Result, format_duration
 from canary.runner import run_once
 from canary.scrub import Scrubber
 from probes.http import HttpProbe, HttpSettings
+from probes.llm import MAX_BACKOFF_SECONDS, LlmProbe, LlmSettings
 from probes.tls import TlsProbe, TlsSettings
 from tests.hostile import (
-    Certificates, Neighbour, Servers, certificates, endless_chunked, healthy_app, lying_length, never_answer,
+    Certificates, LlmBehaviour, Neighbour, Servers, certificates, endless_chunked, healthy_app, llm_app, lying_length,
+    never_answer,
 )
 
 TIMEOUT = 1.5  # the hostile probe's timeout
@@ -296,3 +300,163 @@ async def test_both_tls_probes_pass_a_good_certificate_from_the_private_ca(serve
 
     assert tls.success, tls.message
     assert http.success, http.message
+
+
+# --- llm: 429 and Retry-After, bad answers, endless streams, rate-limit reset headers -----------------------------------
+
+
+def llm_probe(base: str) -> LlmProbe:
+    return LlmProbe(LlmSettings.model_validate({
+        "name": "hostile-llm", "type": "llm", "channel": "ai", "interval": "1m", "base_url": f"{base}/v1",
+        "api_key": "sk-canary-test-key", "model": "canary-model", "slow_after": "1s", "timeout": f"{TIMEOUT}s",
+    }))
+
+
+@pytest.fixture
+async def provider(servers: Servers) -> tuple[LlmBehaviour, str]:
+    behaviour = LlmBehaviour()
+    return behaviour, await servers.app(llm_app(behaviour))
+
+
+def figures(result: Result) -> dict[tuple[str, str], float]:
+    return {(g.name, dict(g.labels).get("kind", "")): g.value for g in result.gauges}
+
+
+async def test_llm_429_retry_after_seconds_sends_nothing_until_the_window_passes(
+    provider: tuple[LlmBehaviour, str]
+) -> None:
+    behaviour, base = provider
+    behaviour.limited, behaviour.retry_after = 1, "1"
+    probe = llm_probe(base)
+    try:
+        limited = await run_once(probe, TIMEOUT, Scrubber())
+        waiting = await run_once(probe, TIMEOUT, Scrubber())
+        sent_while_waiting = len(behaviour.requests)
+        await asyncio.sleep(1.2)
+        after = await run_once(probe, TIMEOUT, Scrubber())
+    finally:
+        await probe.close()
+
+    assert (limited.reason, waiting.reason) == ("rate_limited", "rate_limited")
+    assert "HTTP 429 on GET /models (rate_limit_exceeded, Rate limit reached)" in limited.message
+    assert "(retry-after 1s)" in limited.message
+    assert waiting.message.endswith("no request sent") and waiting.duration_seconds < 0.1  # failed fast
+    assert 0 < figures(waiting)[("llm_backoff_seconds", "")] <= 1
+    assert sent_while_waiting == 1  # the 429'd call, and nothing during the window
+    assert after.success, after.message
+    assert behaviour.requests == ["GET /v1/models", "GET /v1/models", "POST /v1/chat/completions"]
+
+
+async def test_llm_429_retry_after_http_date_is_honoured(provider: tuple[LlmBehaviour, str]) -> None:
+    behaviour, base = provider
+    behaviour.limited = 1
+    behaviour.retry_after = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=3), usegmt=True)
+    probe = llm_probe(base)
+    try:
+        limited = await run_once(probe, TIMEOUT, Scrubber())
+        waiting = await run_once(probe, TIMEOUT, Scrubber())
+        backoff = figures(waiting)[("llm_backoff_seconds", "")]
+        sent_while_waiting = len(behaviour.requests)
+        await asyncio.sleep(backoff + 0.2)
+        after = await run_once(probe, TIMEOUT, Scrubber())
+    finally:
+        await probe.close()
+
+    assert (limited.reason, waiting.reason) == ("rate_limited", "rate_limited")
+    assert "not calling again before " in limited.message
+    assert 1.0 < backoff <= 3.0  # the date has whole seconds: 2-3 s from the 429
+    assert waiting.message.endswith("no request sent")
+    assert sent_while_waiting == 1
+    assert after.success, after.message
+
+
+async def test_llm_429_with_garbage_retry_after_does_not_back_off(provider: tuple[LlmBehaviour, str]) -> None:
+    behaviour, base = provider
+    behaviour.limited, behaviour.retry_after = 1, "after lunch, maybe"
+    probe = llm_probe(base)
+    try:
+        limited = await run_once(probe, TIMEOUT, Scrubber())
+        after = await run_once(probe, TIMEOUT, Scrubber())
+    finally:
+        await probe.close()
+
+    assert limited.reason == "rate_limited"
+    assert limited.message.endswith(
+        "; retry-after 'after lunch, maybe' is neither seconds nor an HTTP date, so the next run calls again")
+    assert figures(limited)[("llm_backoff_seconds", "")] == 0
+    assert after.success, after.message  # called again at once, and the provider answered
+    assert behaviour.requests[:2] == ["GET /v1/models", "GET /v1/models"]
+
+
+async def test_llm_429_retry_after_a_day_is_capped_at_an_hour(provider: tuple[LlmBehaviour, str]) -> None:
+    behaviour, base = provider
+    behaviour.limited, behaviour.retry_after = 1, "86400"
+    probe = llm_probe(base)
+    try:
+        limited = await run_once(probe, TIMEOUT, Scrubber())
+        waiting = await run_once(probe, TIMEOUT, Scrubber())
+    finally:
+        await probe.close()
+
+    assert (limited.reason, waiting.reason) == ("rate_limited", "rate_limited")
+    assert f"(retry-after {format_duration(MAX_BACKOFF_SECONDS)})" in limited.message
+    assert MAX_BACKOFF_SECONDS - 5 < figures(waiting)[("llm_backoff_seconds", "")] <= MAX_BACKOFF_SECONDS
+    assert waiting.message.endswith("no request sent")
+    assert behaviour.requests == ["GET /v1/models"]
+
+
+@pytest.mark.parametrize("mode", ["invalid-json", "empty-choices"])
+async def test_llm_answer_that_is_not_a_chat_completion_fails_assertion(
+    provider: tuple[LlmBehaviour, str], mode: str
+) -> None:
+    behaviour, base = provider
+    behaviour.completion = mode
+    result, _ = await run(llm_probe(base))
+
+    assert (result.success, result.reason) == (False, "assertion")
+    assert result.message == "POST /chat/completions answered 200 but not with a chat completion (no choices)"
+
+
+async def test_llm_stream_that_never_ends_times_out_in_completion(provider: tuple[LlmBehaviour, str], healthy: str) -> None:
+    behaviour, base = provider
+    behaviour.completion = "trickle"
+    result, _ = await run_beside_neighbour(llm_probe(base), healthy)
+
+    assert (result.success, result.reason) == (False, "timeout")
+    assert result.message == "no answer within 1.5s during completion"
+
+
+async def test_llm_stream_that_floods_is_cut_at_the_body_limit(provider: tuple[LlmBehaviour, str], healthy: str) -> None:
+    behaviour, base = provider
+    behaviour.completion = "flood"
+    result, _ = await run_beside_neighbour(llm_probe(base), healthy, timeout=5.0)
+
+    assert (result.success, result.reason) == (False, "body")
+    assert result.message == "POST /chat/completions: body is larger than max_body_bytes (2097152)"
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("2m59.56s", 179.56), ("6m0s", 360.0), ("12ms", 0.012), ("-1", None), (None, None)],
+)
+async def test_llm_rate_limit_reset_headers_become_a_gauge_only_when_they_make_sense(
+    provider: tuple[LlmBehaviour, str], header: str | None, seconds: float | None
+) -> None:
+    # "-1" is no time at all: a negative reset is nonsense, so no gauge rather than a made-up 0.
+    behaviour, base = provider
+    behaviour.completion_headers = {
+        f"x-ratelimit-{name}-{kind}": value
+        for kind in ("requests", "tokens")
+        for name, value in (("limit", "1000"), ("remaining", "900"), ("reset", header))
+        if value is not None
+    }
+    result, _ = await run(llm_probe(base))
+
+    assert result.success, result.message
+    found = figures(result)
+    for kind in ("requests", "tokens"):
+        assert found[("llm_ratelimit_remaining", kind)] == 900  # the other figures are there either way
+        if seconds is None:
+            assert ("llm_ratelimit_reset_seconds", kind) not in found
+        else:
+            assert found[("llm_ratelimit_reset_seconds", kind)] == pytest.approx(seconds)
