@@ -22,6 +22,7 @@ from aiohttp import web
 from canary.contract import REASONS, Result, format_duration
 from canary.runner import run_once
 from canary.scrub import Scrubber
+from probes.gmail import GmailProbe, GmailSettings
 from probes.http import HttpProbe, HttpSettings
 from probes.llm import MAX_BACKOFF_SECONDS, LlmProbe, LlmSettings
 from probes.tls import TlsProbe, TlsSettings
@@ -460,3 +461,54 @@ async def test_llm_rate_limit_reset_headers_become_a_gauge_only_when_they_make_s
             assert ("llm_ratelimit_reset_seconds", kind) not in found
         else:
             assert found[("llm_ratelimit_reset_seconds", kind)] == pytest.approx(seconds)
+
+
+# --- gmail: a token endpoint that fails or never answers -----------------------------------------------------------------
+
+
+def gmail_probe(tmp_path: Path, token_url: str, timeout: float) -> GmailProbe:
+    credentials = tmp_path / "authorized-user.json"
+    credentials.write_text(json.dumps({
+        "type": "authorized_user", "client_id": "canary-client", "client_secret": "canary-client-secret",
+        "refresh_token": "canary-refresh-token", "token_uri": token_url,
+    }))
+    return GmailProbe(GmailSettings.model_validate({
+        "name": "hostile-gmail", "type": "gmail", "channel": "email", "interval": "5m", "timeout": f"{timeout}s",
+        "credentials_file": str(credentials), "gmail_api_url": "http://127.0.0.1:9", "renew": False,
+    }))
+
+
+def token_app(calls: list[str]) -> web.Application:
+    async def token(request: web.Request) -> web.Response:
+        calls.append(request.method)
+        return web.Response(status=500, text="Internal Server Error")
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    return app
+
+
+async def test_gmail_token_endpoint_500_fails_status_while_the_loop_stays_free(
+    servers: Servers, healthy: str, tmp_path: Path
+) -> None:
+    calls: list[str] = []
+    base = await servers.app(token_app(calls))
+    # google-auth retries a 500 twice, sleeping ~1 s and ~2 s in the worker thread: the timeout leaves room for that.
+    result, neighbour = await run_beside_neighbour(gmail_probe(tmp_path, f"{base}/token", 6.0), healthy, timeout=6.0)
+
+    assert (result.success, result.reason) == (False, "status"), result.message
+    assert result.message == (f"the token endpoint {base}/token failed with a server-side error (HTTP 500: Internal Server "
+                              "Error), also after google-auth's retries")
+    assert calls == ["POST"] * 3
+    assert len(neighbour.results) >= 5  # it kept running all through the retries
+
+
+async def test_gmail_token_endpoint_that_never_answers_times_out_in_token_while_the_loop_stays_free(
+    servers: Servers, healthy: str, tmp_path: Path
+) -> None:
+    server = await servers.raw(never_answer())
+    result, _ = await run_beside_neighbour(gmail_probe(tmp_path, f"{server.url}/token", TIMEOUT), healthy)
+
+    assert (result.success, result.reason) == (False, "timeout")
+    assert result.message == "no answer within 1.5s during token"
+    assert len(server.requests) == 1 and server.requests[0].startswith(b"POST /token HTTP/1.1")
