@@ -7,6 +7,7 @@ It imports nothing else of ours, so a probe module never reaches into the core a
 
 from __future__ import annotations
 
+import asyncio
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from time import perf_counter
 from typing import Annotated, Any, ClassVar, Generic, Iterable, Iterator, Literal, Mapping, TypeVar
 
+import regex
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
 
 try:
@@ -278,8 +280,8 @@ def marker_headers(header: str) -> dict[str, str]:
 
 def _check_regex(pattern: str) -> str:
     try:
-        re.compile(pattern)
-    except re.error as exc:
+        compile_regex(pattern)
+    except regex.error as exc:
         raise ValueError(f"not a valid regular expression: {exc}") from None
     return pattern
 
@@ -290,7 +292,63 @@ def _check_host_port(text: str) -> str:
 
 
 Regex = Annotated[str, AfterValidator(_check_regex)]
-"""A regular expression, compiled once at load so a typo is a config error, not a failed probe."""
+"""A regular expression, compiled once at load so a typo is a config error, not a failed probe. Probes compile it
+with `compile_regex` and search with `search` / `search_now`, never with `re`."""
+
+# ---------------------------------------------------------------------------------------------------------------
+# Searching what a target sent with a configured regular expression
+# ---------------------------------------------------------------------------------------------------------------
+
+REGEX_INLINE_SECONDS = 0.01
+"""How long a search may hold the event loop before `search` moves it to a worker thread."""
+_MIN_SEARCH_SECONDS = 0.001  # `regex` reads a timeout of 0 as "give up at once"; every search gets a moment
+
+
+class RegexTimeout(Exception):
+    """A configured regular expression gave up on a text: it backtracks too much on it (or the text is huge)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = round(seconds, 3)
+        super().__init__(f"gave up after {format_duration(self.seconds)}")
+
+
+def compile_regex(pattern: str | bytes) -> regex.Pattern:
+    """A configured pattern, compiled with the `regex` module (the syntax and meaning of `re`).
+
+    Not `re`: a pattern such as `(a+)+$` backtracks for ages on 100 KB of "a" followed by "b", and `re` can neither
+    stop a search nor release the GIL during one, so a thread does not help either: one such answer from a target
+    would hold the event loop, and so every other probe, for as long as the search lasts. `regex` searches take a
+    timeout and, with `concurrent=True`, run without the GIL."""
+    return regex.compile(pattern)
+
+
+def search_now(pattern: regex.Pattern, text: str | bytes, seconds: float) -> regex.Match | None:
+    """`pattern.search(text)` on this thread, giving up (RegexTimeout) after `seconds`. For callers that cannot await:
+    the loop is held for at most `seconds`, so keep it short."""
+    seconds = max(seconds, _MIN_SEARCH_SECONDS)
+    try:
+        return pattern.search(text, timeout=seconds)
+    except TimeoutError:
+        raise RegexTimeout(seconds) from None
+
+
+async def search(pattern: regex.Pattern, text: str | bytes, seconds: float) -> regex.Match | None:
+    """`pattern.search(text)` without holding the event loop, giving up (RegexTimeout) after `seconds` in all.
+
+    Nearly every search ends within REGEX_INLINE_SECONDS, inline. One that does not starts again in a worker thread,
+    without the GIL, bounded by what is left of `seconds`: a runaway pattern costs that thread for at most `seconds`
+    (also when the caller is cancelled meanwhile, e.g. by the runner's timeout), never the loop."""
+    seconds = max(seconds, _MIN_SEARCH_SECONDS)
+    inline = min(seconds, REGEX_INLINE_SECONDS)
+    try:
+        return pattern.search(text, timeout=inline)
+    except TimeoutError:
+        if seconds <= inline:
+            raise RegexTimeout(seconds) from None
+    try:
+        return await asyncio.to_thread(pattern.search, text, concurrent=True, timeout=seconds - inline)
+    except TimeoutError:
+        raise RegexTimeout(seconds) from None
 
 Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
 """Seconds, written in config as a string such as "30s"."""

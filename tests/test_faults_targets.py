@@ -25,9 +25,11 @@ from canary.scrub import Scrubber
 from probes.gmail import GmailProbe, GmailSettings
 from probes.http import HttpProbe, HttpSettings
 from probes.llm import MAX_BACKOFF_SECONDS, LlmProbe, LlmSettings
+from probes.tcp import TcpProbe, TcpSettings
 from probes.tls import TlsProbe, TlsSettings
+from probes.transaction import TransactionProbe, TransactionSettings
 from tests.hostile import (
-    Certificates, LlmBehaviour, Neighbour, Servers, certificates, endless_chunked, healthy_app, llm_app, lying_length,
+    Certificates, LlmBehaviour, Neighbour, Servers, banner, certificates, endless_chunked, healthy_app, llm_app, lying_length,
     never_answer,
 )
 
@@ -512,3 +514,71 @@ async def test_gmail_token_endpoint_that_never_answers_times_out_in_token_while_
     assert (result.success, result.reason) == (False, "timeout")
     assert result.message == "no answer within 1.5s during token"
     assert len(server.requests) == 1 and server.requests[0].startswith(b"POST /token HTTP/1.1")
+
+
+# --- a configured regular expression against what a target sent ---------------------------------------------------------
+
+# `(a+)+$` on many "a" and one "b" backtracks for longer than anyone waits. With Python's `re` the search can be
+# neither stopped nor moved off the loop (it keeps the GIL), so every probe stalled with it.
+RUNAWAY = "(a+)+$"
+RUNAWAY_TEXT = "a" * 100_000 + "b"
+
+
+def text_app(text: str) -> web.Application:
+    async def body(request: web.Request) -> web.Response:
+        return web.Response(text=text)
+
+    async def document(request: web.Request) -> web.Response:
+        return web.json_response({"value": text})
+
+    app = web.Application()
+    app.router.add_get("/body", body)
+    app.router.add_get("/doc", document)
+    return app
+
+
+@pytest.mark.parametrize("key", ["expect_body_regex", "expect_body_not_regex"])
+async def test_http_body_regex_that_backtracks_without_end_gives_up_and_the_loop_stays_free(
+    servers: Servers, healthy: str, key: str
+) -> None:
+    base = await servers.app(text_app(RUNAWAY_TEXT))
+    result, _ = await run_beside_neighbour(http_probe(f"{base}/body", **{key: RUNAWAY}), healthy)
+
+    assert (result.success, result.reason) == (False, "assertion"), result.message
+    verb = "matches" if key == "expect_body_regex" else "does not match"
+    (check,) = [c for c in result.checks if c.text.startswith("[BODY]")]
+    assert not check.passed
+    assert check.text.startswith(f"[BODY] {verb} /{RUNAWAY}/ (gave up after ")
+    assert check.text.endswith(f"the pattern backtracks too much on this {len(RUNAWAY_TEXT)}-character body)")
+    assert result.message == f"HTTP 200 OK; failed: {check.text}"
+
+
+async def test_tcp_expect_that_backtracks_without_end_gives_up_and_the_loop_stays_free(
+    servers: Servers, healthy: str
+) -> None:
+    server = await servers.raw(banner(RUNAWAY_TEXT.encode()))
+    probe = TcpProbe(TcpSettings.model_validate({
+        "name": "hostile-tcp", "type": "tcp", "channel": "api", "interval": "10s", "timeout": f"{TIMEOUT}s",
+        "host": "127.0.0.1", "port": server.port, "expect": "(a+)+c", "max_read_bytes": 200_000,
+    }))
+    result, _ = await run_beside_neighbour(probe, healthy)
+
+    assert (result.success, result.reason) == (False, "assertion"), result.message
+    assert result.message.startswith("reply does not match /(a+)+c/ (the search gave up after ")
+    assert "the pattern backtracks too much on these " in result.message
+
+
+async def test_transaction_matches_condition_that_backtracks_without_end_gives_up_and_the_loop_stays_free(
+    servers: Servers, healthy: str
+) -> None:
+    base = await servers.app(text_app(RUNAWAY_TEXT))
+    probe = TransactionProbe(TransactionSettings.model_validate({
+        "name": "hostile-transaction", "type": "transaction", "channel": "web_form", "interval": "10s",
+        "timeout": f"{TIMEOUT}s", "base_url": base,
+        "steps": [{"name": "read", "url": "/doc", "expect": [f'value matches "{RUNAWAY}"']}],
+    }))
+    result, _ = await run_beside_neighbour(probe, healthy)
+
+    assert (result.success, result.reason) == (False, "assertion"), result.message
+    assert result.message == (f'step read: [read] value matches "{RUNAWAY}" (gave up after 50ms: the pattern backtracks too '
+                              f"much on this {len(RUNAWAY_TEXT)}-character value)")
