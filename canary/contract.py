@@ -226,6 +226,28 @@ class Scrubber:
         return _SECRET_PAIR.sub(lambda m: f"{m.group('key')}{MASK}", text)
 
 
+# Characters that must not reach a terminal, a log line, a JUnit report or a page as they are: C0 and C1 controls (ANSI
+# escapes, NUL, a CR/LF that would forge a log line), Unicode line separators, bidirectional overrides that reorder
+# what is shown, and lone surrogates (text decoded with surrogateescape), which no UTF-8 writer accepts.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def printable(text: str) -> str:
+    """`text` with every character that could steer a terminal or forge a log line shown as an escape (`\\x1b`,
+    `\\n`, `\\u202e`), everything else kept. Messages quote what targets sent (a status line's reason, a reply, a
+    provider's error); the runner passes every message and check text through this before anything shows it."""
+    if text.isprintable():
+        return text
+    return _UNPRINTABLE.sub(_escape, text)
+
+
 _HOST_PORT = re.compile(r"^(?:\[(?P<ipv6>[0-9a-fA-F:.]+)\]|(?P<host>[A-Za-z0-9._-]*)):(?P<port>\d{1,5})$")
 
 

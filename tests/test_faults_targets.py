@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import tracemalloc
+import unicodedata
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from pathlib import Path
@@ -19,18 +20,19 @@ from typing import Any, AsyncIterator
 import pytest
 from aiohttp import web
 
-from canary.contract import REASONS, Result, format_duration
+from canary.contract import REASONS, Result, format_duration, printable
 from canary.runner import run_once
 from canary.scrub import Scrubber
 from probes.gmail import GmailProbe, GmailSettings
 from probes.http import HttpProbe, HttpSettings
 from probes.llm import MAX_BACKOFF_SECONDS, LlmProbe, LlmSettings
+from probes.statuspage import StatuspageProbe, StatuspageSettings
 from probes.tcp import TcpProbe, TcpSettings
 from probes.tls import TlsProbe, TlsSettings
 from probes.transaction import TransactionProbe, TransactionSettings
 from tests.hostile import (
     Certificates, LlmBehaviour, Neighbour, Servers, banner, certificates, endless_chunked, healthy_app, llm_app, lying_length,
-    never_answer,
+    never_answer, raw_answer,
 )
 
 TIMEOUT = 1.5  # the hostile probe's timeout
@@ -582,3 +584,98 @@ async def test_transaction_matches_condition_that_backtracks_without_end_gives_u
     assert (result.success, result.reason) == (False, "assertion"), result.message
     assert result.message == (f'step read: [read] value matches "{RUNAWAY}" (gave up after 50ms: the pattern backtracks too '
                               f"much on this {len(RUNAWAY_TEXT)}-character value)")
+
+
+# --- control characters from a target never reach a terminal, a log or a page as they are ---------------------------------
+
+ANSI_RED, ANSI_CLEAR_SCREEN = "\x1b[31m", "\x1b[2J"
+
+
+def assert_printable(text: str) -> None:
+    """No control character, line separator, bidirectional override or lone surrogate left."""
+    unsafe = [char for char in text
+              if unicodedata.category(char) in ("Cc", "Cs") or char in "\u2028\u2029\u202a\u202b\u202c\u202d\u202e"]
+    assert not unsafe, (unsafe, text)
+
+
+async def test_control_characters_in_an_http_status_reason_are_escaped(servers: Servers) -> None:
+    reason = f"Down{ANSI_RED} red\x00 \u202eevil\x85"
+    server = await servers.raw(raw_answer(
+        b"HTTP/1.1 503 " + reason.encode("utf-8").replace(b"\xc2\x85", b"\x85") + b"\r\nContent-Length: 0\r\n\r\n"))
+    result, _ = await run(http_probe(f"{server.url}/health"))
+
+    assert (result.success, result.reason) == (False, "status")
+    assert result.message == "HTTP 503 Down\\x1b[31m red\\x00 \\u202eevil\\udc85, expected 2xx"
+    assert_printable(result.message)
+    for check in result.checks:
+        assert_printable(check.text)
+
+
+async def test_a_malformed_answer_quoted_by_the_http_client_stays_on_one_line(servers: Servers) -> None:
+    server = await servers.raw(raw_answer(b"HTTP/1.1 200 OK\r\nX-\x1b[31m: y\r\nContent-Length: 0\r\n\r\n"))
+    result, _ = await run(http_probe(f"{server.url}/health"))
+
+    assert (result.success, result.reason) == (False, "status")
+    assert result.message.startswith("malformed answer: ")
+    assert "\\n" in result.message  # aiohttp's multi-line explanation, quoted as one line
+    assert_printable(result.message)
+
+
+async def test_control_characters_in_a_tcp_reply_are_escaped(servers: Servers) -> None:
+    greeting = f"220 ready{ANSI_CLEAR_SCREEN}\x00\r\nFAKE: log line\x07".encode()
+    server = await servers.raw(banner(greeting))
+    probe = TcpProbe(TcpSettings.model_validate({
+        "name": "hostile-tcp", "type": "tcp", "channel": "api", "interval": "10s", "timeout": f"{TIMEOUT}s",
+        "host": "127.0.0.1", "port": server.port, "expect": "^SSH-", "max_read_bytes": len(greeting),
+    }))
+    result, _ = await run(probe)
+
+    assert (result.success, result.reason) == (False, "assertion")
+    assert "220 ready\\x1b[2J\\x00\\r\\nFAKE: log line\\x07" in result.message
+    assert_printable(result.message)
+
+
+async def test_control_characters_in_an_llm_provider_error_are_escaped(provider: tuple[LlmBehaviour, str]) -> None:
+    behaviour, base = provider
+    behaviour.completion = "error-text"
+    behaviour.error_text = f"overloaded{ANSI_CLEAR_SCREEN}\x00\r\n2026-11-23 INFO canary: all good\u202e"
+    result, _ = await run(llm_probe(base))
+
+    assert (result.success, result.reason) == (False, "status")
+    assert result.message == ("HTTP 500 on POST /chat/completions, expected 200 (server_error, overloaded\\x1b[2J\\x00 "
+                              "2026-11-23 INFO canary: all good\\u202e)")
+    assert_printable(result.message)
+
+
+async def test_control_characters_in_a_statuspage_description_are_escaped(servers: Servers) -> None:
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"status": {"indicator": "major", "description": f"Major outage{ANSI_RED}\x00\x1b]0;pwned\x07"}})
+
+    app = web.Application()
+    app.router.add_get("/api/v2/status.json", status)
+    base = await servers.app(app)
+    probe = StatuspageProbe(StatuspageSettings.model_validate({
+        "name": "hostile-statuspage", "type": "statuspage", "channel": "ai", "interval": "1m", "timeout": f"{TIMEOUT}s",
+        "url": base,
+    }))
+    result, _ = await run(probe)
+
+    assert (result.success, result.reason) == (False, "assertion")
+    assert result.message == ("the provider reports major: Major outage\\x1b[31m\\x00\\x1b]0;pwned\\x07 "
+                              "(fails at major or worse)")
+    assert_printable(result.message)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("plain text, café, 3 µs, no\u00a0break", "plain text, café, 3 µs, no\u00a0break"),
+        ("a\r\nINFO forged line", "a\\r\\nINFO forged line"),
+        ("\x1b[31mred\x1b[0m\x00\x07\x7f\x9b", "\\x1b[31mred\\x1b[0m\\x00\\x07\\x7f\\x9b"),
+        ("abc\u202edcba\u2066x\u2028y\udc85", "abc\\u202edcba\\u2066x\\u2028y\\udc85"),
+    ],
+)
+def test_printable_escapes_what_could_steer_a_terminal_and_keeps_the_rest(text: str, shown: str) -> None:
+    assert printable(text) == shown
+    assert_printable(printable(text))
+    shown.encode("utf-8")  # no lone surrogate left for a UTF-8 writer to choke on
