@@ -8,6 +8,7 @@ It imports nothing else of ours, so a probe module never reaches into the core a
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -354,12 +355,18 @@ def search_now(pattern: regex.Pattern, text: str | bytes, seconds: float) -> reg
         raise RegexTimeout(seconds) from None
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def search(pattern: regex.Pattern, text: str | bytes, seconds: float) -> regex.Match | None:
     """`pattern.search(text)` without holding the event loop, giving up (RegexTimeout) after `seconds` in all.
 
     Nearly every search ends within REGEX_INLINE_SECONDS, inline. One that does not starts again in a worker thread,
-    without the GIL, bounded by what is left of `seconds`: a runaway pattern costs that thread for at most `seconds`
-    (also when the caller is cancelled meanwhile, e.g. by the runner's timeout), never the loop."""
+    without the GIL, bounded by what is left of `seconds`: a runaway pattern costs that thread, never the loop. The
+    wait is bounded here too, because without the GIL `regex` notices its timeout late (measured: up to 1.2 s after
+    a 2 s limit); the thread ends on its own soon after, also when the caller was cancelled meanwhile."""
     seconds = max(seconds, _MIN_SEARCH_SECONDS)
     inline = min(seconds, REGEX_INLINE_SECONDS)
     try:
@@ -367,9 +374,14 @@ async def search(pattern: regex.Pattern, text: str | bytes, seconds: float) -> r
     except TimeoutError:
         if seconds <= inline:
             raise RegexTimeout(seconds) from None
+    left = seconds - inline
+    searching = asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(pattern.search, text, concurrent=True, timeout=left))
+    searching.add_done_callback(_retrieved)  # a search given up on ends later with TimeoutError, which nobody awaits
     try:
-        return await asyncio.to_thread(pattern.search, text, concurrent=True, timeout=seconds - inline)
-    except TimeoutError:
+        async with asyncio.timeout(left):
+            return await asyncio.shield(searching)  # shielded: a search in a thread cannot be cancelled, only left
+    except TimeoutError:  # ours, or the search's own
         raise RegexTimeout(seconds) from None
 
 Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]

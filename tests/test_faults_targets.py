@@ -32,7 +32,7 @@ from probes.tls import TlsProbe, TlsSettings
 from probes.transaction import TransactionProbe, TransactionSettings
 from tests.hostile import (
     Certificates, LlmBehaviour, Neighbour, Servers, banner, certificates, endless_chunked, healthy_app, llm_app, lying_length,
-    never_answer, raw_answer,
+    never_answer, raw_answer, trickle,
 )
 
 TIMEOUT = 1.5  # the hostile probe's timeout
@@ -131,6 +131,15 @@ async def test_http_endless_chunked_body_fails_body_at_once_with_memory_bounded(
     assert peak - before < 4 * limit, f"memory grew by {(peak - before) / 1e6:.1f} MB while reading"
     assert limit < server.sent_bytes < 64 * limit  # the server was cut off, not read to its end
     neighbour.assert_on_time()
+
+
+async def test_http_body_that_trickles_without_end_times_out_in_transfer(servers: Servers, healthy: str) -> None:
+    server = await servers.raw(trickle())
+    result, _ = await run_beside_neighbour(http_probe(f"{server.url}/health"), healthy)
+
+    assert (result.success, result.reason) == (False, "timeout")
+    assert result.message == "no answer within 1.5s during transfer"
+    assert server.sent_bytes > 100  # it did keep sending, a byte at a time
 
 
 # --- http: Content-Length that lies ---------------------------------------------------------------------------------
