@@ -82,6 +82,7 @@ async def _measure(
     kind: str, count: int, interval: float, duration: float, base_url: str | None, target_pid: int | None
 ) -> None:
     from canary.config import DEFAULT_BUCKETS
+    from canary.contract import ProbeSettings
     from canary.scheduler import Scheduler
     from canary.scrub import Scrubber
     from canary.state import ResultStore

@@ -66,7 +66,7 @@ def _promtool(body: bytes) -> str:
 def _generate_latest_comparison(count: int) -> None:
     """The same series through prometheus_client: a custom collector yielding GaugeMetricFamily, generate_latest."""
     from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     from exporter.exposition import CORE_FAMILIES
     from scrape_server import STATIC_LABELS, populate
@@ -111,16 +111,17 @@ def _generate_latest_comparison(count: int) -> None:
                         families["_sum"].add_sample(f"{name}_sum", base, record.latency_sum)
                         families["_count"].add_sample(f"{name}_count", base, cumulative)
                 yield from (family for family in families.values() if family.samples)
-            gauge_families: dict[str, GaugeMetricFamily] = {}
+            gauge_families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
             for record in records:
                 if record.latest is None:
                     continue
                 settings = record.settings
                 base = {**STATIC_LABELS, **settings.labels, "probe": settings.name, "channel": settings.channel, "type": settings.type}
                 for gauge in record.latest.gauges:
-                    family_name = f"canary_probe_{gauge.name}"
-                    family = gauge_families.setdefault(family_name, GaugeMetricFamily(family_name, gauge.help))
-                    family.add_sample(family_name, {**base, **dict(gauge.labels)}, gauge.value)
+                    family_name = f"canary_probe_{gauge.name}"  # prometheus-client adds a counter's _total
+                    kind = CounterMetricFamily if gauge.kind == "counter" else GaugeMetricFamily
+                    family = gauge_families.setdefault(family_name, kind(family_name, gauge.help))
+                    family.add_sample(gauge.family, {**base, **dict(gauge.labels)}, gauge.value)
             yield from gauge_families.values()
             channels = GaugeMetricFamily("canary_channel_up", "channel up", labels=["environment", "channel"])
             for channel, up in sorted(store.channel_states().items()):

@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", parents=[common], help="run the daemon: schedule probes and serve /metrics")
     run.add_argument("--listen", type=_listen_address, help="address to serve on, HOST:PORT (overrides [daemon].listen)")
+    run.add_argument("--web.config.file", dest="web_config_file", metavar="FILE", help="exporter-toolkit web config: TLS, basic auth, headers")
 
     check = commands.add_parser("check-config", parents=[common], help="validate a config file and exit")
     check.add_argument("path", nargs="?", help="config file to check")
@@ -73,8 +74,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _list(config)
     if args.command == "run":
         from canary.daemon import Daemon
+        from exporter.web_security import WebSecurity
 
-        return _run_async(Daemon(config, PROBE_TYPES, build_probe, listen=args.listen).serve())
+        try:
+            web_security = WebSecurity.from_file(args.web_config_file)
+        except ConfigError as exc:
+            print(f"web config error:\n{exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return _run_async(Daemon(config, PROBE_TYPES, build_probe, listen=args.listen, web_security=web_security).serve())
     return _once(config, args)
 
 
@@ -96,7 +103,7 @@ def _check_config(path: Path) -> int:
 
 def _list(config: Config) -> int:
     rows = [("NAME", "TYPE", "CHANNEL", "INTERVAL", "TIMEOUT", "TARGET")] + [
-        (p.name, p.type, p.channel, f"{p.interval:g}s", f"{p.timeout:g}s", config.scrubber()(p.target()))
+        (p.name, p.type, p.channel, f"{p.interval:g}s", f"{p.timeout:g}s", config.scrubber()(p.safe_target()))
         for p in config.probes
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]

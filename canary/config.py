@@ -27,7 +27,7 @@ _VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
 class DaemonSettings(BaseModel):
     """The `[daemon]` table: where to listen, and the defaults every probe inherits."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     listen: HostPort = "127.0.0.1:9465"
     interval: Duration = 30.0
@@ -110,6 +110,12 @@ def parse_config(
     for index, entry in enumerate(raw_probes):
         where = f"probes[{index}]"
         settings = _validate_probe(entry, where, probe_types, problems)
+        type_name = entry.get("type") if isinstance(entry, dict) else None
+        if daemon is not None and isinstance(type_name, str) and type_name in probe_types:
+            problems += [
+                problem for problem in _label_collisions(daemon.labels, probe_types[type_name], "daemon.labels", type_name)
+                if problem not in problems  # once per label and type, however many probes of that type there are
+            ]
         if settings is None:
             continue
         if settings.name in first_index_by_name:
@@ -150,17 +156,40 @@ def _validate_probe(
     # A secret whose `*_file` could not be used is reported once, not again as a missing key.
     missing = {f"{where}.{key}: required key is missing" for key in unresolved}
     problems[before:] = [problem for problem in problems[before:] if problem not in missing]
+    if settings is not None:
+        problems += _label_collisions(settings.labels, probe_types[type_name], f"{where}.labels", type_name)
     return settings
+
+
+def _label_collisions(labels: Mapping[str, str], probe_type: type[Probe], where: str, type_name: str) -> list[str]:
+    """A static label named like one of the probe's figure labels would give a series two labels of one name,
+    and Prometheus would reject the whole scrape."""
+    return [
+        f"{where}.{label}: {label!r} is a label of the {type_name} probe's own figures; choose another name"
+        for label in sorted(set(labels) & probe_type.figure_labels)
+    ]
 
 
 def _inherit_defaults(
     settings: ProbeSettings, daemon: DaemonSettings, where: str, problems: list[str]
 ) -> ProbeSettings:
     interval = settings.interval or daemon.interval
-    timeout = settings.timeout or min(daemon.timeout, interval)
+    timeout, inherited_from = _effective_timeout(settings, daemon, interval)
     if timeout > interval:
         problems.append(f"{where}.timeout: {timeout:g}s is longer than the interval {interval:g}s (a probe never overlaps itself)")
+    problem = settings.check_timing(timeout, inherited_from)
+    if problem:
+        problems.append(f"{where}.{problem}")
     return settings.model_copy(update={"interval": interval, "timeout": timeout})
+
+
+def _effective_timeout(settings: ProbeSettings, daemon: DaemonSettings, interval: float) -> tuple[float, str | None]:
+    """The probe's timeout, and where it came from when the probe did not set it (for messages about it)."""
+    if settings.timeout:
+        return settings.timeout, None
+    if daemon.timeout <= interval:
+        return daemon.timeout, "[daemon].timeout"
+    return interval, "the probe's interval, shorter than [daemon].timeout"
 
 
 def _table(value: Any, where: str, problems: list[str]) -> dict[str, Any]:

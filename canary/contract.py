@@ -62,19 +62,34 @@ _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 @dataclass(frozen=True, slots=True)
 class Gauge:
-    """An extra figure a probe measured, exported as `canary_probe_<name>` with the probe's labels."""
+    """An extra figure a probe measured, exported as `canary_probe_<name>` with the probe's labels.
+
+    Most are gauges. A figure that is a counter where it is read (a server-lifetime count such as Redis's
+    rejected connections) says `kind="counter"`, and is exported typed as one, as `canary_probe_<name>_total`, so
+    `rate()` and `increase()` are right about it, resets included."""
 
     name: str
     value: float
     help: str
     labels: tuple[tuple[str, str], ...] = ()
+    kind: Literal["gauge", "counter"] = "gauge"
 
     def __post_init__(self) -> None:
         if not _METRIC_SUFFIX.match(self.name):
             raise ValueError(f"gauge name {self.name!r} is not a valid metric name suffix")
+        if self.kind not in ("gauge", "counter"):
+            raise ValueError(f"figure kind {self.kind!r} is neither 'gauge' nor 'counter'")
+        if self.kind == "counter" and self.name.endswith("_total"):
+            raise ValueError(f"counter name {self.name!r} must not end in _total (the exporter adds it)")
         for label, _ in self.labels:
             if not _LABEL_NAME.match(label) or label.startswith("__"):
                 raise ValueError(f"gauge label {label!r} is not a valid label name")
+
+    @property
+    def family(self) -> str:
+        """The metric name as exported."""
+        suffix = "_total" if self.kind == "counter" else ""
+        return f"canary_probe_{self.name}{suffix}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,9 +298,14 @@ def _check_labels(labels: dict[str, str]) -> dict[str, str]:
     return labels
 
 
+MAX_DURATION = 366 * 86400.0
+
+
 def _positive(seconds: float) -> float:
     if seconds <= 0:
         raise ValueError("must be greater than zero")
+    if seconds > MAX_DURATION:  # also keeps the event loop's timers away from float overflow
+        raise ValueError(f"must be at most 366d, got {format_duration(seconds)}")
     return seconds
 
 
@@ -410,7 +430,7 @@ class ProbeSettings(BaseModel):
     they are always set.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
     type: str
@@ -427,9 +447,21 @@ class ProbeSettings(BaseModel):
         """A short, secret-free description of what the probe talks to, for `probe list` and the status page."""
         return ""
 
+    def check_timing(self, timeout: float, inherited_from: str | None) -> str | None:
+        """Why this probe cannot work under `timeout`, its effective timeout, or None.
+
+        Called at load once `timeout` is known (the probe's own, or `inherited_from` the named default), because
+        a limit such as an LLM's `slow_after` must stay below it. The answer is `KEY: problem`, naming the key
+        to change; the loader prefixes the probe's path."""
+        return None
+
     def secret_values(self) -> list[str]:
         """Every secret this probe's settings hold, so they can be scrubbed from all output."""
         return _walk_secrets(self)
+
+    def safe_target(self) -> str:
+        """`target()` with every secret of these settings masked: what every page and listing shows."""
+        return Scrubber(self.secret_values())(self.target())
 
 
 def _walk_secrets(value: Any) -> list[str]:

@@ -19,8 +19,9 @@ from canary.scrub import Scrubber, ScrubbingFilter
 from canary.state import ResultStore
 from exporter.exposition import ProbeExposition
 from exporter.self_metrics import DaemonMetrics
-from exporter.server import ExporterSources, build_exporter_app
-from canary.contract import Probe, ProbeSettings, parse_host_port
+from exporter.server import OPEN_PATHS, ExporterSources, build_exporter_app
+from exporter.web_security import WebSecurity
+from canary.contract import RUNNER_REASONS, Probe, ProbeSettings, parse_host_port
 
 log = logging.getLogger("canary.daemon")
 
@@ -47,17 +48,23 @@ class Daemon:
         probe_types: Mapping[str, type[Probe]],
         build_probe: Callable[[ProbeSettings], Probe],
         listen: str | None = None,
+        web_security: WebSecurity | None = None,
     ) -> None:
         self.config = config
         self._probe_types = probe_types
         self._build_probe = build_probe
         self._listen = listen or config.daemon.listen
+        self.web = web_security or WebSecurity(None)
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[bool]] = set()  # reloads started by SIGHUP, referenced until done
         self._ready = False
+        self._hurried = False  # a second stop signal came: the stop must not wait for runs in flight
         self.metrics = DaemonMetrics()
-        self.store = ResultStore(config.daemon.latency_buckets, config.daemon.history)
+        self.store = ResultStore(
+            config.daemon.latency_buckets, config.daemon.history,
+            reasons_for=lambda type_name: (*RUNNER_REASONS, *probe_types[type_name].reasons),
+        )
         self.exposition = ProbeExposition(config.daemon.labels, config.daemon.latency_buckets)
         self.store.add_listener(self.exposition.render)
         self._scrub_filter = configure_logging(config.daemon.log_level, config.scrubber())
@@ -73,11 +80,12 @@ class Daemon:
         self.metrics.config_loaded(True, len(self.config.probes))
 
         app = build_exporter_app(ExporterSources(self.store, self.exposition, self.metrics, lambda: self._ready))
+        self.web.install(app, OPEN_PATHS)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, port = parse_host_port(self._listen)
         try:
-            await web.TCPSite(runner, host or None, port, shutdown_timeout=1.0).start()
+            await web.TCPSite(runner, host or None, port, shutdown_timeout=1.0, ssl_context=self.web.ssl_context).start()
         except OSError as exc:
             log.error("cannot listen on %s: %s", self._listen, exc.strerror or exc)
             await scheduler.stop(0)
@@ -90,12 +98,13 @@ class Daemon:
             loop.add_signal_handler(stop_signal, self._on_stop_signal, scheduler)
         self._ready = True
         log.info(
-            "channel-canary serving on http://%s (%d probes from %s)", self._listen, len(self.config.probes), self.config.path
+            "channel-canary serving on %s://%s (%d probes from %s)", self.web.scheme, self._listen, len(self.config.probes), self.config.path
         )
         await self._stop.wait()
 
         self._ready = False
-        grace = self.config.daemon.shutdown_grace
+        # Both signals may be handled before this resumes, when hurry() had no stop to hurry yet.
+        grace = 0.0 if self._hurried else self.config.daemon.shutdown_grace
         log.info("stopping: letting runs in flight finish (up to %gs)", grace)
         await scheduler.stop(grace)
         await runner.cleanup()
@@ -113,6 +122,7 @@ class Daemon:
         """The first SIGTERM stops gracefully; a second one during the grace cancels every run at once."""
         if self._stop.is_set():
             log.warning("second stop signal: cancelling the runs still in flight")
+            self._hurried = True
             scheduler.hurry()
         self._stop.set()
 
@@ -120,12 +130,14 @@ class Daemon:
         async with self._reload_lock:
             try:
                 config = load_config(self.config.path, self._probe_types)
+                web_config = self.web.load()
                 await self._apply(config, scheduler)
             except (ConfigError, ProbeBuildError) as exc:
                 self.metrics.config_loaded(False)
                 where = "" if isinstance(exc, ConfigError) else f"{self.config.path}: "
                 log.error("config reload failed; the last good config keeps running:\n%s%s", where, exc)
                 return False
+            self.web.apply(web_config)
             self.config = config
             self.metrics.config_loaded(True, len(config.probes))
             log.info("config reloaded: %d probes", len(config.probes))

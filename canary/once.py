@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -97,13 +98,24 @@ def as_junit(outcomes: list[Outcome]) -> str:
             suite, "testcase", classname=f"{o.settings.channel}.{o.settings.type}",
             name=o.settings.name, time=f"{o.result.duration_seconds:.3f}",
         )
+        message = _xml_text(o.result.message)
         if o.verdict == "WARN":  # shown, but not a failed build
-            ET.SubElement(case, "skipped", type="warning", message=f"{o.result.reason}: {o.result.message}")
+            ET.SubElement(case, "skipped", type="warning", message=f"{o.result.reason}: {message}")
         elif not o.result.success:
-            failure = ET.SubElement(case, "failure", type=o.result.reason, message=o.result.message)
-            failure.text = "\n".join(f"{'PASS' if c.passed else 'FAIL'} {c.text}" for c in o.result.checks) or o.result.message
+            failure = ET.SubElement(case, "failure", type=o.result.reason, message=message)
+            checks = "\n".join(f"{'PASS' if c.passed else 'FAIL'} {c.text}" for c in o.result.checks)
+            failure.text = _xml_text(checks) or message
     ET.indent(suites)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml_text(text: str) -> str:
+    """XML 1.0 has no way to write most control characters (ESC, NUL…): a target's text showing them would make
+    the whole report unreadable to CI, so they are shown as \\xNN instead."""
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def as_table(outcomes: list[Outcome], message_width: int = 90) -> str:

@@ -3,6 +3,8 @@
 This is the only place that catches a probe's exceptions: a hang becomes `timeout`, a crash or a
 malformed return becomes `internal`, and every message and check text is scrubbed of secrets and made printable
 (messages quote what targets sent, control characters included). Cancellation passes through.
+A probe that cleans up after itself finishes its (bounded) cleanup before it lets the timeout's cancellation
+through, so its run can end up to its `cleanup_timeout` after `timeout` (see `probes/cleanup.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ async def run_once(probe: Probe, timeout: float, scrub: Scrubber) -> Result:
             result = await probe.run(timer)
         if not isinstance(result, Result):
             result = Result.fail("internal", f"probe returned {type(result).__name__}, not a Result")
+        elif undeclared := {label for gauge in result.gauges for label, _ in gauge.labels} - type(probe).figure_labels:
+            # The config refuses static labels that collide with declared figure labels; an undeclared one could
+            # collide unseen and break every scrape, so it is the probe's bug.
+            result = Result.fail("internal", f"probe returned figures labelled {', '.join(sorted(undeclared))}, "
+                                             "which its type does not declare in figure_labels")
     except TimeoutError:
         during = f" during {timer.current}" if timer.current else ""
         result = Result.fail("timeout", f"no answer within {format_duration(timeout)}{during}")

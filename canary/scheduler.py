@@ -1,8 +1,9 @@
 """Runs every probe at its interval, each in its own task, on a fixed grid with a stable per-probe offset.
 
 A probe's runs never overlap: one task per probe runs it, waits, and runs it again. When a run takes longer
-than the gap to its next slot, the missed slots are skipped (and counted), not queued. The scheduler knows
-nothing about probe types; it builds probes through the factory it is given.
+than the gap to its next slot, the missed slots are skipped (and counted), not queued. A probe changed by a
+reload keeps its rhythm: its first run under the new settings comes one (new) interval after its last one.
+The scheduler knows nothing about probe types; it builds probes through the factory it is given.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class _Running:
     in_run: bool = False
     retired: bool = False  # stopped by a reload or a stop: it must not start another run
     abandoned: bool = False  # would not stop when cancelled: whatever it still produces is discarded
+    last_slot: float | None = None  # the slot of its latest run; for a replacement, that of the task it replaces
 
 
 class Scheduler:
@@ -82,10 +84,12 @@ class Scheduler:
         store: ResultStore,
         build_probe: Callable[[ProbeSettings], Probe],
         observer: SchedulerObserver,
+        stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
         self._store = store
         self._build_probe = build_probe
         self._observer = observer
+        self._stop_timeout = stop_timeout
         self._loop = asyncio.get_running_loop()
         self._epoch: float | None = None  # set when the first probes start, so their first slots are now
         self._running: dict[str, _Running] = {}
@@ -123,11 +127,15 @@ class Scheduler:
             # once (~0.7 s with 10,000 HTTP probes): the price of a reload that changes probes, not of one that
             # changes nothing.
             gc.unfreeze()
-        await self._stop_tasks([self._running.pop(name) for name in stale], grace=0.0)
+        replaced = [self._running.pop(name) for name in stale]
+        await self._stop_tasks(replaced, grace=0.0)
+        # A changed probe keeps its rhythm: its next run is one (new) interval after its last one started. A new
+        # jitter asks for a new spread instead, so then every probe joins the grid afresh.
+        last_slots = {} if jitter_changed else {item.settings.name: item.last_slot for item in replaced}
         if self._epoch is None:
             self._epoch = self._loop.time()
         for settings, probe in built:
-            running = _Running(settings, probe, task=None)  # type: ignore[arg-type]
+            running = _Running(settings, probe, task=None, last_slot=last_slots.get(settings.name))  # type: ignore[arg-type]
             running.task = self._loop.create_task(self._loop_probe(running), name=f"probe:{settings.name}")
             self._running[settings.name] = running
         if stale or built:  # a reload that changes nothing costs the loop nothing
@@ -156,15 +164,19 @@ class Scheduler:
         timeout = settings.timeout or interval
         loop = self._loop
         now = loop.time()
-        slot = (self._epoch or now) + stable_offset(settings.name, min(self._jitter, interval))
-        if slot < now - JOIN_TOLERANCE:  # started by a reload: join the grid at the next free slot
-            slot += ((now - slot) // interval + 1) * interval
+        if running.last_slot is not None:  # replaces a changed probe: not sooner than one interval after its last run
+            slot = max(running.last_slot + interval, now)
+        else:
+            slot = (self._epoch or now) + stable_offset(settings.name, min(self._jitter, interval))
+            if slot < now - JOIN_TOLERANCE:  # started by a reload: join the grid at the next free slot
+                slot += ((now - slot) // interval + 1) * interval
         while not (self._stopping or running.retired):
             delay = slot - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             lateness = max(loop.time() - slot, 0.0)
             self._observer.observe_lateness(lateness)
+            running.last_slot = slot
             running.in_run = True
             try:
                 result = await run_once(running.probe, timeout, self._scrub)
@@ -210,7 +222,7 @@ class Scheduler:
             item.task.cancel()
 
     async def _stop_tasks(self, running: list[_Running], grace: float) -> None:
-        """Stop these tasks, bounded in time: after `grace`, cancel; after STOP_TIMEOUT more, abandon."""
+        """Stop these tasks, bounded in time: after `grace`, cancel; after the stop timeout more, abandon."""
         if not running:
             return
         self._stopping_tasks = running
@@ -224,11 +236,11 @@ class Scheduler:
             for task in busy:
                 task.cancel()
         if busy:
-            _, stuck = await asyncio.wait(busy, timeout=STOP_TIMEOUT)
+            _, stuck = await asyncio.wait(busy, timeout=self._stop_timeout)
             for item in running:
                 item.abandoned = item.task in stuck
             for task in stuck:
-                log.warning("%s did not stop within %gs of being cancelled; abandoned", task.get_name(), STOP_TIMEOUT)
+                log.warning("%s did not stop within %gs of being cancelled; abandoned", task.get_name(), self._stop_timeout)
                 self._abandoned.add(task)
                 task.add_done_callback(self._abandoned.discard)
         self._stopping_tasks = []
@@ -239,7 +251,7 @@ class Scheduler:
 
     async def _close(self, probe: Probe, name: str) -> None:
         try:
-            async with asyncio.timeout(STOP_TIMEOUT):
+            async with asyncio.timeout(self._stop_timeout):
                 await probe.close()
         except Exception as exc:  # noqa: BLE001 - closing one probe must not stop the others closing
             log.warning("probe %s did not close cleanly: %s", name, self._scrub(f"{type(exc).__name__}: {exc}"))

@@ -31,13 +31,14 @@ class ProbeRecord:
         "bucket_counts", "latency_sum", "_history", "version", "last_lateness",
     )
 
-    def __init__(self, settings: ProbeSettings, bucket_count: int, history: int) -> None:
+    def __init__(self, settings: ProbeSettings, bucket_count: int, history: int, reasons: Iterable[str] = ()) -> None:
         self.settings = settings
         self.latest: Result | None = None
         self.last_run_time = 0.0
         self.last_success_time = 0.0
         self.runs = {"success": 0, "failure": 0}
-        self.failures: dict[str, int] = {}
+        # Every reason the probe can fail with starts at 0, so `increase()` sees the first failure too.
+        self.failures: dict[str, int] = dict.fromkeys(reasons, 0)
         self.bucket_counts = [0] * (bucket_count + 1)  # the last one is +Inf
         self.latency_sum = 0.0
         # Plain tuples of plain values: the garbage collector stops tracking those, so 10,000 probes' full
@@ -56,9 +57,13 @@ Listener = Callable[[ProbeRecord], None]
 
 
 class ResultStore:
-    def __init__(self, buckets: tuple[float, ...], history: int) -> None:
+    def __init__(
+        self, buckets: tuple[float, ...], history: int, reasons_for: Callable[[str], Iterable[str]] = lambda _: ()
+    ) -> None:
+        """`reasons_for(type)` names the failure reasons a probe type can return (their counters start at 0)."""
         self.buckets = buckets
         self.history = history
+        self._reasons_for = reasons_for
         self._records: dict[str, ProbeRecord] = {}
         self._listeners: list[Listener] = []
 
@@ -76,7 +81,7 @@ class ResultStore:
             if old is not None and keep_totals and old.settings == settings:
                 records[settings.name] = old
             else:
-                records[settings.name] = ProbeRecord(settings, len(buckets), history)
+                records[settings.name] = ProbeRecord(settings, len(buckets), history, self._reasons_for(settings.type))
         self._records = records
 
     def record(self, name: str, result: Result, wall_time: float, lateness: float = 0.0) -> None:

@@ -44,7 +44,7 @@ def label_text(labels: Iterable[tuple[str, str]]) -> str:
 class ProbeExposition:
     def __init__(self, static_labels: dict[str, str], buckets: tuple[float, ...]) -> None:
         self._cache: dict[str, tuple[ProbeRecord, int, dict[str, bytes]]] = {}
-        self._gauge_help: dict[str, str] = {}
+        self._figure_meta: dict[str, tuple[str, str]] = {}  # family → (TYPE, HELP) of the figures probes measured
         self.configure(static_labels, buckets)
 
     def configure(self, static_labels: dict[str, str], buckets: tuple[float, ...]) -> None:
@@ -84,10 +84,10 @@ class ProbeExposition:
                     for phase, seconds in sorted(result.phases.items())
                 )
             for gauge in result.gauges:
-                family = f"canary_probe_{gauge.name}"
+                family = gauge.family
                 if family in _CORE_NAMES:
                     continue
-                self._gauge_help.setdefault(family, gauge.help)
+                self._figure_meta.setdefault(family, (gauge.kind, gauge.help))
                 extra = f",{label_text(gauge.labels)}" if gauge.labels else ""
                 out[family] = out.get(family, "") + f"{family}{{{base}{extra}}} {floatToGoString(gauge.value)}\n"
         if record.failures:
@@ -129,7 +129,7 @@ class ProbeExposition:
                 for channel, up in sorted(channel_states.items())
             )
         extra_families = sorted({family for out in fragments for family in out} - _CORE_NAMES)
-        families = [*CORE_FAMILIES, *((name, "gauge", self._gauge_help.get(name, "")) for name in extra_families)]
+        families = [*CORE_FAMILIES, *((name, *self._figure_meta.get(name, ("gauge", ""))) for name in extra_families)]
         for name, kind, help_text in families:
             header = len(parts)
             parts.extend(out[name] for out in fragments if name in out)

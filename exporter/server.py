@@ -26,6 +26,8 @@ class ExporterSources:
 
 
 SOURCES = web.AppKey("sources", ExporterSources)
+# Open even when the web config asks for basic auth: kubelet liveness and readiness probes cannot send credentials.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 def build_exporter_app(sources: ExporterSources) -> web.Application:

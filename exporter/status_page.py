@@ -24,7 +24,7 @@ def status_json(records: list[ProbeRecord], channels: dict[str, bool]) -> dict[s
                 "name": r.settings.name,
                 "type": r.settings.type,
                 "channel": r.settings.channel,
-                "target": r.settings.target(),
+                "target": r.settings.safe_target(),
                 "state": _state(r),
                 "reason": r.latest.reason if r.latest else None,
                 "message": r.latest.message if r.latest else "",
@@ -73,7 +73,7 @@ def render_status_page(records: list[ProbeRecord], channels: dict[str, bool]) ->
         rows.append(
             "<tr>"
             f'<td class="state {state}">{state.upper()}</td>'
-            f"<td><b>{escape(record.settings.name)}</b><br><small>{escape(record.settings.target())}</small></td>"
+            f"<td><b>{escape(record.settings.name)}</b><br><small>{escape(record.settings.safe_target())}</small></td>"
             f"<td>{escape(record.settings.channel)}</td>"
             f"<td>{escape(record.settings.type)}</td>"
             f"<td>{escape(latest.reason) if latest else ''}</td>"

@@ -188,6 +188,10 @@ def _refresh(info: dict[str, str], token_uri: str, timeout: float) -> tuple[str,
 
 class GmailProbe(Probe[GmailSettings]):
     settings_model = GmailSettings
+    reasons = (
+        "invalid_grant", "auth", "expiry", "status", "rate_limited", "assertion",
+        "body", "timeout", "tls", "dns", "connect",
+    )
 
     def __init__(self, settings: GmailSettings) -> None:
         super().__init__(settings)

@@ -12,15 +12,15 @@ import re
 import ssl
 from time import perf_counter
 from types import SimpleNamespace
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import aiohttp
 from pydantic import Field, field_validator, model_validator
 from yarl import URL
 
 from canary.contract import (
-    USER_AGENT, Check, PhaseTimer, Probe, ProbeSettings, Regex, RegexTimeout, Result, Scrubber, SyntheticHeader,
-    compile_regex, format_duration, marker_headers, search,
+    SECRET_NAME, USER_AGENT, Check, PhaseTimer, Probe, ProbeSettings, Regex, RegexTimeout, Result, Scrubber,
+    SyntheticHeader, compile_regex, format_duration, marker_headers, search,
 )
 from probes.jsonpath import is_missing, lookup, parse_path
 from probes.transport import (
@@ -87,8 +87,11 @@ class HttpSettings(ProbeSettings):
         return super().secret_values() + secret_headers(self.headers)
 
 
-class _OffHostRedirect(Exception):
+class _RedirectRefused(Exception):
     pass
+
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class _PhaseRecorder(SimpleNamespace):
@@ -118,6 +121,7 @@ class _TimedConnector(aiohttp.TCPConnector):
 
 class HttpProbe(Probe[HttpSettings]):
     settings_model = HttpSettings
+    reasons = ("status", "tls", "dns", "connect", "body", "assertion", "redirect")
 
     def __init__(self, settings: HttpSettings) -> None:
         super().__init__(settings)
@@ -146,7 +150,6 @@ class HttpProbe(Probe[HttpSettings]):
             trace.on_connection_create_end.append(self._on_connect_end)
             trace.on_connection_reuseconn.append(_on_reuse)
             trace.on_request_end.append(_on_headers_received)
-            trace.on_request_redirect.append(self._on_redirect)
             self._session = aiohttp.ClientSession(
                 connector=self._connector,
                 trace_configs=[trace],
@@ -173,45 +176,60 @@ class HttpProbe(Probe[HttpSettings]):
             timer.record("connect", now - recorder.connect_started - recorder.dns_seconds)
         timer.begin("first_byte")
 
-    async def _on_redirect(self, session: Any, ctx: Any, params: Any) -> None:
-        if self.settings.allow_redirect_to_other_host:
-            return
-        location = params.response.headers.get("Location", "")
-        target = params.url.join(URL(location))
-        if target.host and target.host != self._url.host:
-            raise _OffHostRedirect(f"redirected to another host ({target.host}); allow_redirect_to_other_host is off")
-
     async def run(self, timer: PhaseTimer) -> Result:
-        settings = self.settings
-        deadline = perf_counter() + (settings.timeout or _DEFAULT_TIMEOUT)
+        deadline = perf_counter() + (self.settings.timeout or _DEFAULT_TIMEOUT)
         session = self._ensure_session()
         recorder = _PhaseRecorder(timer=timer, connect_started=0.0, dns_seconds=0.0)
         self._connector.tcp_connected_at = 0.0  # type: ignore[union-attr]
         timer.begin("first_byte")
         try:
-            async with session.request(
-                settings.method,
-                self._url,
-                headers=self._headers,
-                data=settings.body if settings.body is not None else settings.form,
-                json=settings.body_json,
-                allow_redirects=settings.follow_redirects,
-                max_redirects=settings.max_redirects + 1,  # aiohttp refuses the redirect that reaches its limit
-                trace_request_ctx=recorder,
-            ) as response:
-                timer.begin("transfer")
-                body, error = await read_limited(response, settings.max_body_bytes)
-                timer.end("transfer")
-                status, reason_phrase = response.status, response.reason or ""
-        except _OffHostRedirect as exc:
+            answer = await self._fetch(session, recorder)
+        except _RedirectRefused as exc:
             return Result.fail("redirect", str(exc))
-        except aiohttp.TooManyRedirects:
-            return Result.fail("redirect", f"more than {settings.max_redirects} redirects")
         except aiohttp.ClientError as exc:
             return client_error_result(exc)
+        status, reason_phrase, body, error = answer
         if error:
             return Result.fail("body", error)
         return await self._judge(status, reason_phrase, body, deadline)
+
+    async def _fetch(self, session: aiohttp.ClientSession, recorder: _PhaseRecorder) -> tuple[int, str, bytes, str]:
+        """The request, following redirects ourselves: a redirect to another host is refused before anything is
+        sent there, and one to another origin (scheme, host or port) drops every credential header first."""
+        settings = self.settings
+        url, method, headers = self._url, settings.method, self._headers
+        data: Any = settings.body if settings.body is not None else settings.form
+        body_json = settings.body_json
+        for _ in range(settings.max_redirects + 1):
+            async with session.request(
+                method, url, headers=headers, data=data, json=body_json, allow_redirects=False,
+                trace_request_ctx=recorder,
+            ) as response:
+                location = response.headers.get("Location")
+                if not (settings.follow_redirects and response.status in _REDIRECTS and location):
+                    recorder.timer.begin("transfer")
+                    body, error = await read_limited(response, settings.max_body_bytes)
+                    recorder.timer.end("transfer")
+                    return response.status, response.reason or "", body, error
+                target = self._redirect_target(url, location)
+                if target.origin() != url.origin():
+                    headers = {name: value for name, value in headers.items() if not SECRET_NAME.search(name)}
+                if response.status == 303 or (response.status in (301, 302) and method == "POST"):
+                    method, data, body_json = ("HEAD" if method == "HEAD" else "GET"), None, None
+                url = target
+            recorder.timer.begin("first_byte")
+        raise _RedirectRefused(f"more than {settings.max_redirects} redirects")
+
+    def _redirect_target(self, current: URL, location: str) -> URL:
+        try:
+            target = current.join(URL(location))
+        except ValueError:
+            raise _RedirectRefused(f"redirected to an unreadable Location {location[:80]!r}") from None
+        if target.scheme not in ("http", "https") or not target.host:
+            raise _RedirectRefused(f"redirected to a non-HTTP location ({target.scheme or 'no scheme'})")
+        if target.host != self._url.host and not self.settings.allow_redirect_to_other_host:
+            raise _RedirectRefused(f"redirected to another host ({target.host}); allow_redirect_to_other_host is off")
+        return target
 
     async def _judge(self, status: int, reason_phrase: str, body: bytes, deadline: float) -> Result:
         settings = self.settings

@@ -41,6 +41,7 @@ class KafkaRoundTripSettings(KafkaSettings):
 
 class KafkaProbe(Probe[KafkaRoundTripSettings]):
     settings_model = KafkaRoundTripSettings
+    reasons = ("connect", "timeout", "auth", "tls", "status", "assertion", "threshold")
 
     async def run(self, timer: PhaseTimer) -> Result:
         async with AsyncExitStack() as stack:

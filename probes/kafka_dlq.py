@@ -34,6 +34,8 @@ class KafkaDlqSettings(KafkaSettings):
 
 class KafkaDlqProbe(Probe[KafkaDlqSettings]):
     settings_model = KafkaDlqSettings
+    reasons = ("connect", "timeout", "auth", "tls", "status", "assertion", "threshold")
+    figure_labels = frozenset({"topic"})
 
     def __init__(self, settings: KafkaDlqSettings) -> None:
         super().__init__(settings)

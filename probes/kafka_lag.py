@@ -10,7 +10,8 @@ Each run adds one observation (committed offset, lag) per partition to a window 
 in the probe instance. A partition's status, first rule that matches:
 
 1. lag is 0 now → OK (0)
-2. lag > 0 and the committed offset has not moved for longer than `stop_after` → STOP (3)
+2. lag > 0 and no progress for longer than `stop_after` → STOP (3); progress is a commit that moved the offset,
+   or an observation with lag 0 (a caught-up consumer has nothing to commit)
 3. the window is not yet full, or lag was 0 at any point in it → OK (0)
 4. the committed offset is the same in every observation of the window → STALL (2)
 5. the committed offset moved, but lag never fell across the window and ended higher than it began → WARN (1)
@@ -48,7 +49,7 @@ class Status(IntEnum):
 class ConsumerGroup(BaseModel):
     """One consumer group and the topics it consumes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,255}$")
     topics: list[TopicName] = Field(min_length=1)
@@ -80,8 +81,22 @@ class Observation:
 
 @dataclass(slots=True)
 class PartitionHistory:
+    """A partition's last `window` observations, and when its consumer last made progress."""
+
     window: deque[Observation]
     last_moved: float
+
+    @classmethod
+    def start(cls, size: int, now: float) -> "PartitionHistory":
+        return cls(deque(maxlen=size), now)
+
+    def observe(self, observation: Observation, now: float) -> None:
+        """Add one run's observation. Progress is a commit that moved the offset, or no lag at all: a caught-up
+        consumer has nothing to commit, and its clock must not run towards STOP meanwhile (Burrow PR #338)."""
+        moved = bool(self.window) and self.window[-1].committed != observation.committed
+        if moved or observation.lag <= 0:
+            self.last_moved = now
+        self.window.append(observation)
 
 
 def partition_status(history: PartitionHistory, size: int, now: float, stop_after: float) -> Status:
@@ -103,6 +118,8 @@ def partition_status(history: PartitionHistory, size: int, now: float, stop_afte
 
 class KafkaLagProbe(Probe[KafkaLagSettings]):
     settings_model = KafkaLagSettings
+    reasons = ("connect", "timeout", "auth", "tls", "status", "assertion", "threshold")
+    figure_labels = frozenset({"group", "topic", "partition"})
 
     def __init__(self, settings: KafkaLagSettings) -> None:
         super().__init__(settings)
@@ -153,10 +170,8 @@ class KafkaLagProbe(Probe[KafkaLagSettings]):
         key = (group, partition.topic, partition.partition)
         history = self._history.get(key)
         if history is None:
-            history = self._history[key] = PartitionHistory(deque(maxlen=self.settings.window), now)
-        elif history.window[-1].committed != observation.committed:
-            history.last_moved = now
-        history.window.append(observation)
+            history = self._history[key] = PartitionHistory.start(self.settings.window, now)
+        history.observe(observation, now)
         return partition_status(history, self.settings.window, now, self.settings.stop_after)
 
 

@@ -22,7 +22,7 @@ from time import monotonic, perf_counter
 from typing import Any, Literal, Mapping
 
 import aiohttp
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator
 from yarl import URL
 
 from canary.contract import (
@@ -51,8 +51,6 @@ class LlmSettings(ProbeSettings):
     prompt: str = Field(default=DEFAULT_PROMPT, min_length=1, max_length=2000)
     slow_after: Duration = 10.0
     min_headroom: float = Field(default=0.1, ge=0, le=1)
-    # Longer than slow_after, so a slow answer is reported as `slow` (it came) rather than `timeout` (it did not).
-    timeout: Duration | None = 30.0
 
     @field_validator("base_url")
     @classmethod
@@ -73,14 +71,17 @@ class LlmSettings(ProbeSettings):
             raise ValueError("value must be non-empty, without spaces or control characters")
         return key
 
-    @model_validator(mode="after")
-    def _timeout_beyond_slow_after(self) -> "LlmSettings":
-        if self.timeout is not None and self.timeout <= self.slow_after:
-            raise ValueError(
-                f"timeout ({format_duration(self.timeout)}) must be longer than slow_after "
-                f"({format_duration(self.slow_after)}), or a slow answer is cut off as a timeout instead of reported as slow"
-            )
-        return self
+    def check_timing(self, timeout: float, inherited_from: str | None) -> str | None:
+        """The timeout must outlast slow_after, so a slow answer is reported as `slow` (it came) rather than as
+        `timeout` (it did not). The message names the key the user wrote, or the default the timeout came from."""
+        if timeout > self.slow_after:
+            return None
+        if inherited_from is None:
+            return (f"timeout: {format_duration(timeout)} must be longer than slow_after {format_duration(self.slow_after)}, "
+                    "or a slow answer is cut off as a timeout instead of reported as slow")
+        return (f"slow_after: {format_duration(self.slow_after)} must be shorter than the probe's timeout "
+                f"{format_duration(timeout)} (inherited from {inherited_from}); set a longer timeout on the probe, "
+                "or a shorter slow_after")
 
     def target(self) -> str:
         return f"{self.model} at {self.base_url}"
@@ -214,6 +215,11 @@ def nearest_models(model: str, served: list[str]) -> list[str]:
 
 class LlmProbe(Probe[LlmSettings]):
     settings_model = LlmSettings
+    reasons = (
+        "status", "tls", "dns", "connect", "body", "auth",
+        "rate_limited", "model_missing", "slow", "assertion",
+    )
+    figure_labels = frozenset({"kind"})
 
     def __init__(self, settings: LlmSettings) -> None:
         super().__init__(settings)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
+from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
 from typing import Literal
@@ -30,7 +31,7 @@ _CLOSE_TIMEOUT = 2.0
 class PostgresQuery(BaseModel):
     """A read-only query whose single value becomes `canary_probe_query_value{query="<name>"}`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
     sql: str = Field(min_length=1)
@@ -72,6 +73,8 @@ class PostgresSettings(ProbeSettings):
 
 class PostgresProbe(Probe[PostgresSettings]):
     settings_model = PostgresSettings
+    reasons = ("connect", "auth", "tls", "timeout", "query", "threshold")
+    figure_labels = frozenset({"query"})
 
     async def run(self, timer: PhaseTimer) -> Result:
         settings = self.settings
@@ -124,7 +127,8 @@ class PostgresProbe(Probe[PostgresSettings]):
             with timer.phase("queries"):
                 values = await self._run_queries(connection)
             if isinstance(values, Result):
-                return values
+                # Keep the health figures: a query held by a lock is just when the ungranted-lock count matters.
+                return replace(values, gauges=(*gauges, *values.gauges))
             for query, value in zip(settings.queries, values):
                 gauges.append(Gauge("query_value", value, "Value of a configured read-only query.", (("query", query.name),)))
                 if query.max is not None and value > query.max:

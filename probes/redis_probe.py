@@ -55,6 +55,7 @@ class RedisSettings(ProbeSettings):
 
 class RedisProbe(Probe[RedisSettings]):
     settings_model = RedisSettings
+    reasons = ("connect", "auth", "timeout", "query", "threshold")
 
     async def run(self, timer: PhaseTimer) -> Result:
         settings = self.settings
@@ -89,7 +90,7 @@ class RedisProbe(Probe[RedisSettings]):
             Gauge("redis_used_memory_bytes", used, "Memory Redis has allocated (INFO used_memory)."),
             Gauge("redis_maxmemory_bytes", maximum, "Redis's maxmemory setting; 0 means no limit."),
             Gauge("redis_rejected_connections", float(info.get("rejected_connections", 0)),
-                  "Connections Redis refused (maxclients) since it started; a counter read as a gauge."),
+                  "Connections Redis refused (maxclients) since it started.", kind="counter"),
         )
         limit = self.settings.max_memory_ratio
         if limit is not None and maximum > 0 and used / maximum > limit:

@@ -48,6 +48,7 @@ class StatuspageSettings(ProbeSettings):
 
 class StatuspageProbe(Probe[StatuspageSettings]):
     settings_model = StatuspageSettings
+    reasons = ("status", "tls", "dns", "connect", "body", "assertion")
 
     def __init__(self, settings: StatuspageSettings) -> None:
         super().__init__(settings)

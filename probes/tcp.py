@@ -42,6 +42,7 @@ class TcpSettings(ProbeSettings):
 
 class TcpProbe(Probe[TcpSettings]):
     settings_model = TcpSettings
+    reasons = ("dns", "connect", "tls", "assertion")
 
     def __init__(self, settings: TcpSettings) -> None:
         super().__init__(settings)

@@ -41,6 +41,8 @@ class TlsSettings(ProbeSettings):
 
 class TlsProbe(Probe[TlsSettings]):
     settings_model = TlsSettings
+    reasons = ("dns", "connect", "tls", "expiry")
+    figure_labels = frozenset({"version"})
 
     def __init__(self, settings: TlsSettings) -> None:
         super().__init__(settings)

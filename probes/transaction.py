@@ -2,8 +2,13 @@
 a condition holds, and always clean up after themselves.
 
 The shipped web-form canary: submit a synthetic ticket → poll it until the AI agent has replied (the 15 s
-promise) → delete it. Cleanup steps run after a failure, after a timeout and when the daemon stops mid-run, so
-a canary never leaves a ticket behind; a failed cleanup is reported on its own (reason `cleanup`).
+promise) → delete it. Cleanup steps run after a pass, after a failure, after a timeout and when the daemon stops
+mid-run, shielded from the run's cancellation and bounded by `cleanup_timeout` (see `probes/cleanup.py`), so a
+canary never leaves a ticket behind; a run therefore lasts at most `timeout + cleanup_timeout`. A failed cleanup
+is reported on its own (reason `cleanup`).
+
+Each run has its own cookie jar, pinned to the platform's origin, so a login step's session cookie reaches the
+later steps (a login → form with a CSRF token → submit flow) but never another server or the next run.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 import re
 import secrets
 import time
+from dataclasses import replace
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -22,12 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from yarl import URL
 
 from canary.contract import (
-    Check, Duration, format_duration, marker_headers, PhaseTimer, Probe, ProbeSettings, Result, SyntheticHeader, USER_AGENT,
+    Check, Duration, format_duration, marker_headers, PhaseTimer, Probe, ProbeSettings, Result, Scrubber, SECRET_NAME,
+    SyntheticHeader, USER_AGENT,
 )
+from probes.cleanup import ShieldedCleanups
 from probes.conditions import Condition, parse_condition
 from probes.transport import (
-    ExpectedStatuses, client_error_result, client_tls_context, http_url, new_session, read_limited, secret_headers,
-    status_matches, Url, url_for_humans,
+    ExpectedStatuses, client_error_result, client_tls_context, http_url, new_session, OriginCookieJar, read_limited,
+    secret_headers, status_matches, Url, url_for_humans,
 )
 from probes.jsonpath import is_missing, lookup, parse_path
 
@@ -39,13 +47,13 @@ BUILTIN_VARIABLES = ("run_id", "timestamp")
 class Poll(BaseModel):
     """Repeat the step every `every` until its checks pass, for at most `within` (the SLA being measured)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     every: Duration = 1.0
     within: Duration
 
 
 class Step(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
     method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"] = "GET"
@@ -127,6 +135,10 @@ class TransactionSettings(ProbeSettings):
                 raise ValueError(f"step {step.name!r} has a relative url but no base_url is set")
         return self
 
+    def cookie_origin(self) -> str:
+        """The one origin a run keeps cookies for: base_url's, or the first step's when every URL is absolute."""
+        return self.base_url or _VARIABLE.sub("x", self.steps[0].url)
+
     def target(self) -> str:
         first = self.steps[0]
         return f"{len(self.steps)} steps from {first.method} {url_for_humans(self.base_url + first.url)}"
@@ -135,6 +147,8 @@ class TransactionSettings(ProbeSettings):
         found = super().secret_values()
         for headers in [self.headers, *(step.headers for step in [*self.steps, *self.cleanup])]:
             found += secret_headers(headers)
+        for step in [*self.steps, *self.cleanup]:  # a login form's password
+            found += secret_headers(step.form or {})
         for step in [*self.steps, *self.cleanup]:  # an absolute step URL may carry credentials of its own
             found += Url(step.url).secret_parts()
         return found
@@ -147,6 +161,7 @@ class _StepFailed(Exception):
 
 class TransactionProbe(Probe[TransactionSettings]):
     settings_model = TransactionSettings
+    reasons = ("status", "tls", "dns", "connect", "body", "assertion", "slow", "cleanup")
 
     def __init__(self, settings: TransactionSettings) -> None:
         super().__init__(settings)
@@ -154,19 +169,35 @@ class TransactionProbe(Probe[TransactionSettings]):
         self._extracts = {step.name: {v: parse_path(p) for v, p in step.extract.items()} for step in settings.steps}
         self._headers = {"User-Agent": USER_AGENT, **settings.headers}
         self._headers.update(marker_headers(settings.synthetic_header))
+        self._cleanups = ShieldedCleanups()
+        self._secret_variables = {
+            variable
+            for step in [*settings.steps, *settings.cleanup]
+            for name, value in step.headers.items() if SECRET_NAME.search(name)
+            for variable in _VARIABLE.findall(value)
+        }
+
+    async def close(self) -> None:
+        await self._cleanups.drain()
 
     async def run(self, timer: PhaseTimer) -> Result:
         variables = {"run_id": secrets.token_hex(6), "timestamp": str(int(time.time()))}
-        async with new_session(ssl_context=client_tls_context(self.settings.verify_tls, None)) as session:
-            try:
-                result = await self._run_steps(session, timer, variables)
-            except asyncio.CancelledError:
-                # Timed out or stopped mid-run: clean up before letting the cancellation through.
-                problem = await asyncio.shield(self._cleanup(session, None, variables))
-                if problem:
-                    log.warning("probe %s: cleanup after an interrupted run failed: %s", self.settings.name, problem)
-                raise
-            problem = await self._cleanup(session, timer, variables)
+        # A fresh cookie jar each run, for the platform's origin only: a login's session cookie reaches the next
+        # steps, never another server, and never the next run.
+        session = new_session(
+            ssl_context=client_tls_context(self.settings.verify_tls, None), cookies_for=self.settings.cookie_origin(),
+        )
+        try:
+            result = await self._run_steps(session, timer, variables)
+        except BaseException:
+            # Timed out, stopped mid-run, or a bug: clean up before the exception goes on.
+            work = self._cleanup_then_close(session, None, variables)
+            self._log_interrupted(await self._cleanups.run(work, if_interrupted=self._log_interrupted))
+            raise
+        # Shielded here too: the runner's timeout may fire while the cleanup runs.
+        work = self._cleanup_then_close(session, timer, variables)
+        problem = await self._cleanups.run(work, if_interrupted=self._log_interrupted)
+        result = _scrubbed(result, self._run_scrubber(session, variables))
         if problem is None:
             return result
         if result.success:
@@ -257,6 +288,30 @@ class TransactionProbe(Probe[TransactionSettings]):
             return checks, document, Result.fail("assertion", "; ".join(failed), checks=tuple(checks))
         return checks, document, None
 
+    def _log_interrupted(self, problem: str | None) -> None:
+        """A cleanup failure the result cannot report, because the run was cancelled."""
+        if problem:
+            log.warning("probe %s: cleanup after an interrupted run failed: %s", self.settings.name, problem)
+
+    async def _cleanup_then_close(
+        self, session: aiohttp.ClientSession, timer: PhaseTimer | None, variables: dict[str, str]
+    ) -> str | None:
+        """The cleanup owns the run's session: it is closed only once the cleanup no longer needs it. What went
+        wrong comes back scrubbed of the run's own secrets."""
+        try:
+            problem = await self._cleanup(session, timer, variables)
+            return self._run_scrubber(session, variables)(problem) if problem else None
+        finally:
+            await session.close()
+
+    def _run_scrubber(self, session: aiohttp.ClientSession, variables: dict[str, str]) -> Scrubber:
+        """Masks what only this run knew: its cookies, and the values it sent in secret-looking headers (a CSRF
+        token). The config's secrets are the runner's to scrub."""
+        jar = session.cookie_jar
+        found = jar.values() if isinstance(jar, OriginCookieJar) else []
+        found += [variables[name] for name in self._secret_variables if name in variables]
+        return Scrubber(found)
+
     async def _cleanup(
         self, session: aiohttp.ClientSession, timer: PhaseTimer | None, variables: dict[str, str]
     ) -> str | None:
@@ -284,6 +339,11 @@ class TransactionProbe(Probe[TransactionSettings]):
         except TimeoutError:
             problems.append(f"no answer within cleanup_timeout {format_duration(self.settings.cleanup_timeout)}")
         return "; ".join(problems) or None
+
+
+def _scrubbed(result: Result, scrub: Scrubber) -> Result:
+    checks = tuple(replace(check, text=scrub(check.text)) for check in result.checks)
+    return replace(result, message=scrub(result.message), checks=checks)
 
 
 def _fill(template: str, variables: dict[str, str], quote_values: bool = False) -> str:

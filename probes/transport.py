@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import os
 import re
 import socket
 import ssl
-from typing import Annotated
+from http.cookies import BaseCookie
+from typing import Annotated, Sequence
 
 import aiohttp
+from aiohttp.typedefs import LooseCookies
 from pydantic import AfterValidator, Field
 from yarl import URL
 
@@ -152,23 +155,66 @@ def status_matches(status: int, expected: list[int | str]) -> bool:
     return any(status == want if isinstance(want, int) else str(status)[0] == want[0] for want in expected)
 
 
+class OriginCookieJar(aiohttp.CookieJar):
+    """Cookies for one origin (scheme, host, port) only: those other origins set are dropped, none is sent to them.
+
+    Cookies are credentials. RFC 6265 (and aiohttp's jar) scope them by host but not by port, so a plain jar would
+    hand a platform's session cookie to another server on the same host; pinned to one origin it never crosses to
+    another host, port or scheme, redirects included. aiohttp refuses cookies from IP-address hosts unless told
+    they are safe; pinned like this they are, so a platform reached as 10.0.0.5 keeps its cookies too."""
+
+    def __init__(self, origin: str) -> None:
+        self._origin = URL(origin).origin()
+        super().__init__(unsafe=_is_ip_literal(self._origin.host or ""))
+
+    def _ours(self, url: URL) -> bool:
+        try:
+            return url.origin() == self._origin
+        except ValueError:  # not an absolute http(s) URL
+            return False
+
+    def update_cookies(self, cookies: LooseCookies, response_url: URL = URL()) -> None:
+        if self._ours(response_url):
+            super().update_cookies(cookies, response_url)
+
+    def update_cookies_from_headers(self, headers: Sequence[str], response_url: URL) -> None:
+        if self._ours(response_url):
+            super().update_cookies_from_headers(headers, response_url)
+
+    def filter_cookies(self, request_url: URL = URL()) -> "BaseCookie[str]":
+        return super().filter_cookies(request_url) if self._ours(request_url) else BaseCookie()
+
+    def values(self) -> list[str]:
+        """Every cookie value held, so a run can scrub them from what it reports."""
+        return [morsel.value for morsel in self]
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 def new_session(
     *,
     ssl_context: ssl.SSLContext | None = None,
     force_close: bool = False,
     limit: int = 4,
     headers: dict[str, str] | None = None,
-    cookies: bool = False,
+    cookies_for: str | None = None,
     connector: aiohttp.BaseConnector | None = None,
 ) -> aiohttp.ClientSession:
-    """A client session as probes use them: no timeout of its own (the runner owns the run's), no cookies kept
-    across runs unless asked, and TLS through the shared contexts."""
+    """A client session as probes use them: no timeout of its own (the runner owns the run's), and TLS through the
+    shared contexts. No cookies are kept unless `cookies_for` names the one origin to keep them for (in a jar as
+    fresh as the session, so nothing carries over from one run to the next when each run makes its own)."""
     return aiohttp.ClientSession(
         connector=connector or aiohttp.TCPConnector(
             ssl=ssl_context or client_tls_context(True, None), force_close=force_close, limit=limit,
         ),
         timeout=aiohttp.ClientTimeout(total=None),
-        cookie_jar=aiohttp.CookieJar() if cookies else aiohttp.DummyCookieJar(),
+        cookie_jar=OriginCookieJar(cookies_for) if cookies_for else aiohttp.DummyCookieJar(),
         headers=headers,
     )
 

@@ -48,6 +48,7 @@ class TwilioSettings(ProbeSettings):
 
 class TwilioAccountProbe(Probe[TwilioSettings]):
     settings_model = TwilioSettings
+    reasons = ("status", "tls", "dns", "connect", "body", "auth", "assertion", "rate_limited")
 
     async def run(self, timer: PhaseTimer) -> Result:
         settings = self.settings

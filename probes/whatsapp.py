@@ -3,16 +3,22 @@
 One run posts the form fields Twilio posts, with a fresh MessageSid, signed with `X-Twilio-Signature` by the
 twilio package over the PUBLIC URL Twilio would call (the platform usually sits behind a proxy or tunnel, and
 checks signatures against the URL Twilio called, not the one it received). A 2xx with TwiML passes the `signed` phase. Then, unless turned
-off, the `forged` phase sends the identical request with a wrong signature, which must be refused: a platform
-that accepts it would take messages from anyone, and fails the probe as `insecure`. An optional `cleanup`
-request removes what the message created, after the checks, whatever they found.
+off, the `forged` phase sends the identical request with a wrong signature and the `unsigned` phase sends it with
+no `X-Twilio-Signature` at all; both must be refused: a platform that accepts either would take messages from
+anyone (a validator that only checks a signature when one is present is a common bug), and fails the probe as
+`insecure`. An optional `cleanup` request removes what the message created, after the checks, whatever they
+found — also when the runner's timeout or a stop cut the checks off: it is shielded from the run's cancellation
+and bounded by `cleanup_timeout` (see `probes/cleanup.py`), so a run lasts at most `timeout + cleanup_timeout`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import secrets
 import ssl
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Literal
 from urllib.parse import urlsplit
@@ -22,17 +28,29 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from twilio.request_validator import SIGNATURE_HEADER, RequestValidator
 
-from canary.contract import Check, marker_headers, PhaseTimer, Probe, ProbeSettings, Result, SyntheticHeader
+from canary.contract import (
+    Check, Duration, format_duration, marker_headers, PhaseTimer, Probe, ProbeSettings, Result, SyntheticHeader,
+)
+from probes.cleanup import ShieldedCleanups
 from probes.transport import (
     LazySession,
-    CaFile, ExpectedStatuses, HttpUrl, client_error_result, client_tls_context, http_url, new_session, read_limited,
+    CaFile, ExpectedStatuses, HttpUrl, client_error_result, client_tls_context, http_url, read_limited,
     secret_headers, status_matches,
 )
 
+log = logging.getLogger("probes.whatsapp")
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _ACCOUNT_SID = r"^AC[0-9a-fA-F]{32}$"
 _TWILIO_USER_AGENT = "TwilioProxy/1.1"  # what Twilio's webhook requests carry
 _AUTH_REFUSED = (401, 403)
+# The requests that must be refused, by phase: how a refusal reads, and what accepting one means.
+_REFUSED = {"forged": "forged signature", "unsigned": "unsigned request"}
+_ACCEPTED = {
+    "forged": "the platform accepted a webhook with a forged X-Twilio-Signature (HTTP {status}); it must refuse it "
+              "with {expected}: anyone can post messages as Twilio",
+    "unsigned": "the platform accepts unsigned webhooks: a request without X-Twilio-Signature was answered "
+                "HTTP {status}; it must refuse it with {expected}: anyone can post messages as Twilio",
+}
 
 
 def _shown(statuses: list[int | str]) -> str:
@@ -42,7 +60,7 @@ def _shown(statuses: list[int | str]) -> str:
 class WhatsAppCleanup(BaseModel):
     """A request that removes what the synthetic message created; `{message_sid}` in the URL is filled in."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     method: Literal["DELETE", "POST", "PUT", "PATCH", "GET"] = "DELETE"
     url: str
@@ -69,6 +87,7 @@ class WhatsAppSettings(ProbeSettings):
     to_number: str
     body: str = Field(default="[canary] synthetic check", min_length=1, max_length=1600)
     profile_name: str = Field(default="Channel Canary", max_length=100)
+    # Both govern the forged AND the unsigned request: answers that count as refusing them, and whether to send them.
     expect_forged_status: ExpectedStatuses = Field(default_factory=lambda: [403])
     check_forged: bool = True
     headers: dict[str, str] = Field(default_factory=dict)
@@ -77,6 +96,7 @@ class WhatsAppSettings(ProbeSettings):
     ca_file: CaFile | None = None
     max_body_bytes: int = Field(default=65_536, gt=0)
     cleanup: WhatsAppCleanup | None = None
+    cleanup_timeout: Duration = 5.0
 
     @field_validator("public_url")
     @classmethod
@@ -121,6 +141,7 @@ class WhatsAppSettings(ProbeSettings):
 
 class WhatsAppProbe(Probe[WhatsAppSettings]):
     settings_model = WhatsAppSettings
+    reasons = ("status", "tls", "dns", "connect", "body", "auth", "assertion", "insecure", "cleanup")
 
     def __init__(self, settings: WhatsAppSettings) -> None:
         super().__init__(settings)
@@ -129,8 +150,10 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
         self._headers.update(marker_headers(settings.synthetic_header))
         self._ssl: ssl.SSLContext = client_tls_context(settings.verify_tls, settings.ca_file)
         self._sessions = LazySession(ssl_context=self._ssl, force_close=True, limit=2)
+        self._cleanups = ShieldedCleanups()
 
     async def close(self) -> None:
+        await self._cleanups.drain()
         await self._sessions.close()
 
     def message_params(self, message_sid: str) -> dict[str, str]:
@@ -157,10 +180,18 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
     async def run(self, timer: PhaseTimer) -> Result:
         message_sid = "SM" + secrets.token_hex(16)
         params = self.message_params(message_sid)
-        result = await self._checks(params, timer)
         if self.settings.cleanup is None:
-            return result
-        return await self._cleanup(message_sid, result, timer)
+            return await self._checks(params, timer)
+        try:
+            result = await self._checks(params, timer)
+        except BaseException:
+            # Timed out or stopped mid-check: the message may exist already; remove it before the exception goes on.
+            outcome = await self._cleanups.run(self._cleanup(message_sid, None), if_interrupted=self._log_interrupted)
+            self._log_interrupted(outcome)
+            raise
+        # Shielded here too: the runner's timeout may fire while the cleanup runs.
+        outcome = await self._cleanups.run(self._cleanup(message_sid, timer), if_interrupted=self._log_interrupted)
+        return _with_cleanup(result, *outcome)
 
     async def _checks(self, params: dict[str, str], timer: PhaseTimer) -> Result:
         signature = self._validator.compute_signature(self.settings.signed_url(), params)
@@ -178,15 +209,24 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
         forged_signature = RequestValidator(secrets.token_urlsafe(24)).compute_signature(
             self.settings.signed_url(), params
         )
-        try:
-            with timer.phase("forged"):
-                forged_status, _, _ = await self._post(params, forged_signature)
-        except aiohttp.ClientError as exc:
-            return _in_phase("forged webhook", client_error_result(exc), signed.checks)
-        return self._judge_forged(forged_status, signed)
+        forged = await self._must_be_refused("forged", params, forged_signature, signed, timer)
+        if not forged.success:
+            return forged
+        return await self._must_be_refused("unsigned", params, None, forged, timer)
 
-    async def _post(self, params: dict[str, str], signature: str) -> tuple[int, bytes, str]:
-        headers = {**self._headers, SIGNATURE_HEADER: signature}
+    async def _must_be_refused(
+        self, phase: str, params: dict[str, str], signature: str | None, before: Result, timer: PhaseTimer
+    ) -> Result:
+        """Send the same message with a bad signature or none; `before` is the result so far, to extend."""
+        try:
+            with timer.phase(phase):
+                status, _, _ = await self._post(params, signature)
+        except aiohttp.ClientError as exc:
+            return _in_phase(f"{phase} webhook", client_error_result(exc), before.checks)
+        return self._judge_refusal(phase, status, before)
+
+    async def _post(self, params: dict[str, str], signature: str | None) -> tuple[int, bytes, str]:
+        headers = {**self._headers, SIGNATURE_HEADER: signature} if signature is not None else self._headers
         session = self._sessions.get()
         async with session.post(self.settings.url, data=params, headers=headers, allow_redirects=False) as response:
             body, error = await read_limited(response, self.settings.max_body_bytes)
@@ -211,42 +251,52 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
                                checks=tuple(checks))
         return Result.ok(f"signed webhook answered HTTP {status} with TwiML", checks=tuple(checks))
 
-    def _judge_forged(self, status: int, signed: Result) -> Result:
+    def _judge_refusal(self, phase: str, status: int, before: Result) -> Result:
         expected = _shown(self.settings.expect_forged_status)
         passed = status_matches(status, self.settings.expect_forged_status)
-        checks = (*signed.checks, Check(passed, f"[FORGED] HTTP {status} in ({expected})"))
+        checks = (*before.checks, Check(passed, f"[{phase.upper()}] HTTP {status} in ({expected})"))
         if passed:
-            return Result.ok(f"{signed.message}; forged signature refused with HTTP {status}", checks=checks)
+            return Result.ok(f"{before.message}; {_REFUSED[phase]} refused with HTTP {status}", checks=checks)
         if 200 <= status < 300:
-            return Result.fail(
-                "insecure",
-                f"the platform accepted a webhook with a forged X-Twilio-Signature (HTTP {status}); it must refuse "
-                f"it with {expected}: anyone can post messages as Twilio",
-                checks=checks,
-            )
-        return Result.fail("status", f"forged webhook answered HTTP {status}, expected {expected}", checks=checks)
+            return Result.fail("insecure", _ACCEPTED[phase].format(status=status, expected=expected), checks=checks)
+        return Result.fail("status", f"{phase} webhook answered HTTP {status}, expected {expected}", checks=checks)
 
-    async def _cleanup(self, message_sid: str, result: Result, timer: PhaseTimer) -> Result:
-        """Runs after the checks whatever they found; a failure here is `cleanup` only if they had passed."""
+    def _log_interrupted(self, outcome: tuple[bool, str]) -> None:
+        """A cleanup failure the result cannot report, because the run was cancelled."""
+        passed, detail = outcome
+        if not passed:
+            log.warning("probe %s: cleanup after an interrupted run failed: %s", self.settings.name, detail)
+
+    async def _cleanup(self, message_sid: str, timer: PhaseTimer | None) -> tuple[bool, str]:
+        """The cleanup request, bounded by `cleanup_timeout`: (passed, "HTTP 204" or what went wrong)."""
         cleanup = self.settings.cleanup
         assert cleanup is not None
-        session = self._sessions.get()
         url = cleanup.url.format(message_sid=message_sid)
         try:
-            with timer.phase("cleanup"):
-                async with session.request(cleanup.method, url, headers=self._headers, allow_redirects=False) as response:
-                    await read_limited(response, self.settings.max_body_bytes)
-                    status = response.status
+            with timer.phase("cleanup") if timer is not None else nullcontext():
+                async with asyncio.timeout(self.settings.cleanup_timeout):
+                    session = self._sessions.get()
+                    async with session.request(cleanup.method, url, headers=self._headers, allow_redirects=False) as response:
+                        await read_limited(response, self.settings.max_body_bytes)
+                        status = response.status
         except aiohttp.ClientError as exc:
-            problem = f"cleanup {cleanup.method} failed: {client_error_result(exc).message}"
-        else:
-            if status_matches(status, cleanup.expect_status):
-                return replace(result, checks=(*result.checks, Check(True, f"[CLEANUP] HTTP {status}")))
-            problem = f"cleanup {cleanup.method} answered HTTP {status}, expected {_shown(cleanup.expect_status)}"
-        checks = (*result.checks, Check(False, f"[CLEANUP] {problem}"))
-        if result.success:
-            return Result.fail("cleanup", f"{result.message}, but {problem}", checks=checks)
-        return Result.fail(result.reason, f"{result.message}; also {problem}", checks=checks)
+            return False, f"cleanup {cleanup.method} failed: {client_error_result(exc).message}"
+        except TimeoutError:
+            return False, (f"cleanup {cleanup.method} got no answer within cleanup_timeout "
+                           f"{format_duration(self.settings.cleanup_timeout)}")
+        if status_matches(status, cleanup.expect_status):
+            return True, f"HTTP {status}"
+        return False, f"cleanup {cleanup.method} answered HTTP {status}, expected {_shown(cleanup.expect_status)}"
+
+
+def _with_cleanup(result: Result, passed: bool, detail: str) -> Result:
+    """The checks' result with the cleanup's outcome: a failed cleanup is `cleanup` only if the checks had passed."""
+    checks = (*result.checks, Check(passed, f"[CLEANUP] {detail}"))
+    if passed:
+        return replace(result, checks=checks)
+    if result.success:
+        return Result.fail("cleanup", f"{result.message}, but {detail}", checks=checks)
+    return Result.fail(result.reason, f"{result.message}; also {detail}", checks=checks)
 
 
 def _in_phase(what: str, failure: Result, checks: tuple[Check, ...] = ()) -> Result:

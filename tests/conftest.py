@@ -9,8 +9,10 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 from aiohttp import web
@@ -46,9 +48,12 @@ def postgres_dsn() -> str:
     return PG_DSN
 
 
-async def start_app(app: web.Application, ssl_context=None) -> tuple[web.AppRunner, str]:  # type: ignore[no-untyped-def]
-    """Serve an aiohttp app on a free loopback port; returns the runner and its base URL."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+async def start_app(app: web.Application, ssl_context=None, **options: Any) -> tuple[web.AppRunner, str]:  # type: ignore[no-untyped-def]
+    """Serve an aiohttp app on a free loopback port; returns the runner and its base URL.
+
+    `options` go to the AppRunner, e.g. `handler_cancellation=True` for a server that drops a request whose
+    client went away."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, **options)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context).start()
@@ -133,3 +138,23 @@ async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -
             return
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    """Polls `check` (from a test thread, not a loop) until it is true, for at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not met within {timeout}s")
+
+
+def http_get(url: str, method: str = "GET") -> tuple[int, str]:
+    """Status and body of one plain request; error statuses are answers too, not exceptions."""
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()

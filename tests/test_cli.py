@@ -192,3 +192,18 @@ def test_a_failing_warning_probe_is_shown_but_does_not_fail_the_run(tmp_path: Pa
     junit = probe("--once", "--config", str(path), "--format", "junit")
     suite = ET.fromstring(junit.stdout.split("\n", 1)[1]).find("testsuite")
     assert suite is not None and (suite.get("failures"), suite.get("skipped")) == ("0", "1")
+
+
+def test_junit_stays_valid_xml_when_a_target_sends_control_characters() -> None:
+    from canary.contract import Check, Result
+    from canary.once import Outcome, as_junit
+    from probes.http import HttpSettings
+
+    settings = HttpSettings(name="api", channel="api", url="http://127.0.0.1:1/", interval="10s", timeout="1s")
+    hostile = "HTTP 500 \x1b[31mred\x1b[0m \x00nul \x07bell"
+    outcome = Outcome(settings, Result.fail("status", hostile, checks=(Check(False, f"[BODY] {hostile}"),)))
+    report = as_junit([outcome])
+    failure = ET.fromstring(report.split("\n", 1)[1]).find("testsuite/testcase/failure")
+    assert failure is not None
+    assert failure.get("message") == "HTTP 500 \\x1b[31mred\\x1b[0m \\x00nul \\x07bell"
+    assert "\\x1b[31mred" in (failure.text or "")

@@ -321,6 +321,22 @@ BAD_CONFIGS = [
         id="unset-environment-variable-in-label",
     ),
     pytest.param(
+        HTTP_PROBE + 'verify_tls = "false"\nmax_body_bytes = "1048576"\n',
+        [
+            "probes[0].max_body_bytes: Input should be a valid integer (got '1048576')",
+            "probes[0].verify_tls: Input should be a valid boolean (got 'false')",
+        ],
+        id="strings-are-never-coerced-to-booleans-or-numbers",
+    ),
+    pytest.param(
+        "[daemon]\nhistory = 30.0\n" + HTTP_PROBE + 'expect_json = { status = 1 }\nheaders = { X-Retries = 3 }\n',
+        [
+            "daemon.history: Input should be a valid integer (got 30.0)",
+            "probes[0].headers.X-Retries: Input should be a valid string (got 3)",
+        ],
+        id="floats-are-not-ints-and-numbers-are-not-strings",
+    ),
+    pytest.param(
         HTTP_PROBE + 'labels = { "team-name" = "support" }\n',
         ["probes[0].labels: label name 'team-name' is not a valid Prometheus label name"],
         id="bad-label-name",
@@ -453,7 +469,7 @@ def _pg_probe_with(dsn: str, *extra_lines: str) -> str:
         pytest.param(
             _pg_probe_with(f"postgresql://canary:{PASSWORD}@db.internal:5432/support", "bogus = 1", "health_checks = \"sometimes\""),
             {},
-            ["probes[0].health_checks: Input should be a valid boolean, unable to interpret input (got 'sometimes')",
+            ["probes[0].health_checks: Input should be a valid boolean (got 'sometimes')",
              "probes[0].bogus: unknown key"],
             id="valid-dsn-other-errors-in-probe",
         ),

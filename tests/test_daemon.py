@@ -9,27 +9,20 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, Process, free_port, probe_command, wait_for_port, write_config
+from tests.conftest import Process, ROOT, free_port, http_get, probe_command, wait_for, wait_for_port, write_config
 
 SECRET_TOKEN = "sekrit-token-0451"
 SECRET_PASSWORD = "pw-Hunter2-xyz"
 
 
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
 
 def metric_values(base: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    _, text = get(f"{base}/metrics")
+    _, text = http_get(f"{base}/metrics")
     return {
         (s.name, frozenset(s.labels.items())): s.value
         for family in text_string_to_metric_families(text)
@@ -44,13 +37,6 @@ def probe_value(values: dict, name: str, probe: str) -> float | None:  # type: i
     return None
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def config_text(platform: str, closed_port: int, extra: str = "", include_broken: bool = True) -> str:
@@ -105,8 +91,8 @@ def test_serves_results_health_and_status_page(daemon: tuple[Process, str, Path]
     assert probe_value(values, "canary_probe_success", "database") == 0
     assert values[("canary_channel_up", frozenset({("channel", "whatsapp"), ("environment", "test")}))] == 1
     assert values[("canary_config_last_reload_successful", frozenset())] == 1
-    assert get(f"{base}/healthz")[0] == 200
-    assert get(f"{base}/readyz")[0] == 200
+    assert http_get(f"{base}/healthz")[0] == 200
+    assert http_get(f"{base}/readyz")[0] == 200
 
     # Switch WhatsApp off on the platform: only that channel goes down.
     request = urllib.request.Request(
@@ -118,13 +104,13 @@ def test_serves_results_health_and_status_page(daemon: tuple[Process, str, Path]
     wait_for(lambda: metric_values(base).get(("canary_channel_up", whatsapp)) == 0)
     assert metric_values(base)[("canary_channel_up", email)] == 1
 
-    status, page = get(f"{base}/")
+    status, page = http_get(f"{base}/")
     assert status == 200 and "api-health" in page and "database" in page
-    _, status_json = get(f"{base}/status.json")
+    _, status_json = http_get(f"{base}/status.json")
     assert {p["name"]: p["state"] for p in json.loads(status_json)["probes"]} == {"api-health": "up", "database": "down"}
 
     # No secret anywhere a person or a scraper can read.
-    _, metrics_text = get(f"{base}/metrics")
+    _, metrics_text = http_get(f"{base}/metrics")
     for text in (metrics_text, page, status_json, process.output()):
         assert SECRET_TOKEN not in text and SECRET_PASSWORD not in text
 
@@ -162,7 +148,7 @@ def test_sighup_applies_a_good_config_and_keeps_the_last_good_one_on_a_broken_fi
     wait_for(lambda: probe_value(metric_values(base), "canary_probe_last_run_timestamp_seconds", "api-health-2") > before)
     assert probe_value(metric_values(base), "canary_probe_success", "api-health") == 1
     assert f"{path}: probes[0].type: unknown probe type 'htp'" in process.output()
-    assert get(f"{base}/readyz")[0] == 200
+    assert http_get(f"{base}/readyz")[0] == 200
 
 
 def test_sigterm_stops_cleanly_with_exit_code_zero(daemon: tuple[Process, str, Path]) -> None:
@@ -187,3 +173,68 @@ def test_a_broken_config_at_start_exits_2_naming_the_file_and_key(tmp_path: Path
     completed = subprocess.run(probe_command("run", "--config", str(path)), capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert completed.returncode == 2
     assert f"{path}: probes[0].expect_staus: unknown key" in completed.stderr
+
+
+def test_a_reload_whose_ca_file_is_missing_fails_and_the_changed_probe_keeps_its_old_settings(
+    daemon: tuple[Process, str, Path], sandbox_process: str
+) -> None:
+    """The reload that once stopped a probe and never started it again, while reporting success."""
+    process, base, path = daemon
+    wait_for(lambda: probe_value(metric_values(base), "canary_probe_success", "api-health") == 1)
+    broken = path.read_text().replace('channel_map = "channels"', 'channel_map = "channels"\n        ca_file = "/nonexistent/ca.pem"', 1)
+    path.write_text(broken.replace('interval = "1s"', 'interval = "2s"', 1))
+    process.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: metric_values(base)[("canary_config_last_reload_successful", frozenset())] == 0)
+    assert "probes[0].ca_file: cannot load the CA file '/nonexistent/ca.pem' (No such file or directory)" in process.output()
+    # The last good config still runs: api-health keeps running every 1 s.
+    before = probe_value(metric_values(base), "canary_probe_runs_total", "api-health") or 0.0
+    wait_for(lambda: (probe_value(metric_values(base), "canary_probe_runs_total", "api-health") or 0.0) >= before + 2)
+    assert probe_value(metric_values(base), "canary_probe_interval_seconds", "api-health") == 1
+    assert "Task exception was never retrieved" not in process.output()
+
+
+@pytest.mark.parametrize("command", [("run",), ("--once",), ("check-config",)])
+def test_a_missing_ca_file_at_start_is_a_config_error_with_exit_2(tmp_path: Path, command: tuple[str, ...]) -> None:
+    path = write_config(tmp_path, """
+        [[probes]]
+        name = "x"
+        type = "http"
+        channel = "api"
+        url = "https://127.0.0.1:1/health"
+        ca_file = "/nonexistent/ca.pem"
+    """)
+    completed = subprocess.run(probe_command(*command, "--config", str(path)), capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert completed.returncode == 2, completed.stdout + completed.stderr
+    assert f"{path}: probes[0].ca_file: cannot load the CA file '/nonexistent/ca.pem' (No such file or directory)" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize("listen", ["nonsense", "127.0.0.1:99999", "127.0.0.1:"])
+def test_a_bad_listen_flag_is_a_usage_error_naming_the_flag(tmp_path: Path, listen: str) -> None:
+    path = write_config(tmp_path, '[[probes]]\nname = "x"\ntype = "http"\nchannel = "api"\nurl = "http://127.0.0.1:1/"\n')
+    completed = subprocess.run(probe_command("run", "--config", str(path), "--listen", listen), capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert completed.returncode == 2
+    assert "argument --listen:" in completed.stderr and "Traceback" not in completed.stderr
+
+
+async def test_a_reload_applies_the_new_log_level(tmp_path: Path) -> None:
+    import logging
+
+    from canary.config import load_config
+    from canary.daemon import Daemon
+    from canary.scheduler import Scheduler
+    from probes import PROBE_TYPES, build_probe
+
+    probe = '[[probes]]\nname = "x"\ntype = "http"\nchannel = "api"\ninterval = "1h"\nurl = "http://127.0.0.1:1/"\n'
+    path = write_config(tmp_path, '[daemon]\nlog_level = "warning"\n' + probe)
+    daemon = Daemon(load_config(path, PROBE_TYPES), PROBE_TYPES, build_probe)
+    scheduler = Scheduler(daemon.store, build_probe, daemon.metrics)
+    try:
+        await scheduler.apply(daemon.config.probes, 0.0, daemon.config.scrubber())
+        assert logging.getLogger().level == logging.WARNING
+        path.write_text('[daemon]\nlog_level = "debug"\n' + probe)
+        assert await daemon.reload(scheduler)
+        assert logging.getLogger().level == logging.DEBUG
+    finally:
+        await scheduler.stop(0)
+        logging.getLogger().setLevel(logging.WARNING)

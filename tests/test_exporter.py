@@ -87,6 +87,36 @@ def test_series_for_passing_and_failing_probes() -> None:
     assert value(parsed, "canary_channel_up", channel="database", environment="prod") == 1
 
 
+def test_a_counter_figure_is_exported_typed_as_a_counter_with_total() -> None:
+    # A server-lifetime count (Redis's rejected connections): typed counter, so rate() handles its resets.
+    store, exposition = build([plain("redis", channel="database")])
+    store.record("redis", Result.ok(gauges=(
+        Gauge("redis_rejected_connections", 7, "Connections Redis refused since it started.", kind="counter"),
+        Gauge("redis_connected_clients", 3, "Clients connected to Redis."),
+    )), 1.0)
+    text = text_of(store, exposition)
+
+    assert "# TYPE canary_probe_redis_rejected_connections_total counter\n" in text
+    assert "# TYPE canary_probe_redis_connected_clients gauge\n" in text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    rejected = families["canary_probe_redis_rejected_connections"]  # the parser drops a counter's _total
+    assert rejected.type == "counter"
+    [sample] = rejected.samples
+    assert (sample.name, sample.value) == ("canary_probe_redis_rejected_connections_total", 7)
+    assert families["canary_probe_redis_connected_clients"].type == "gauge"
+
+
+@pytest.mark.parametrize(("figure", "error"), [
+    (dict(name="rejected_total", kind="counter"), "must not end in _total"),
+    (dict(name="rejected", kind="histogram"), "neither 'gauge' nor 'counter'"),
+    (dict(name="rejected", labels=(("__name__", "x"),)), "not a valid label name"),
+    (dict(name="rejected", kind="counter", labels=(("bad-label", "x"),)), "not a valid label name"),
+])
+def test_a_figure_that_would_break_the_scrape_is_refused(figure: dict, error: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ValueError, match=error):
+        Gauge(value=1, help="x", **figure)
+
+
 def test_phases_of_the_last_run_are_exported() -> None:
     store, exposition = build([plain("form")])
     store.record("form", Result.ok(phases={"connect": 0.01, "tls": 0.02}), 1.0)
@@ -147,7 +177,8 @@ def test_label_values_are_escaped() -> None:
 def test_promtool_finds_nothing_to_complain_about() -> None:
     store, exposition = build([plain("form"), plain("db", channel="database")], static={"environment": "prod"})
     store.record("form", Result.ok(phases={"connect": 0.01}, channels={"whatsapp": False},
-                                   gauges=(Gauge("postgres_connections", 3, "Connections."),)), 1.0)
+                                   gauges=(Gauge("postgres_connections", 3, "Connections."),
+                                           Gauge("redis_rejected_connections", 2, "Refused.", kind="counter"))), 1.0)
     store.record("db", Result.fail("auth", "refused"), 1.0)
     metrics = DaemonMetrics()
     metrics.config_loaded(True, 2)

@@ -469,6 +469,30 @@ async def test_redirect_to_another_host_is_followed_when_allowed(serve: Serve) -
     assert [r["path"] for r in other_app[REQUESTS]] == ["/ok"]
 
 
+async def test_credentials_never_follow_a_redirect_to_another_origin(serve: Serve) -> None:
+    """Another port on the same host is another origin: the API key, cookie and Authorization stay behind,
+    the synthetic marker goes on."""
+    app, base = await serve()
+    other_app, other_base = await serve()
+    result = await probe_once(
+        url=str(URL(f"{base}/to").with_query(url=f"{other_base}/ok")),
+        headers={"Authorization": "Bearer tok-1234", "X-Api-Key": "key-5678", "Cookie": "session=abcd", "X-Team": "support"},
+    )
+    assert result.success, result.message
+    first, = app[REQUESTS]
+    assert first["headers"]["X-Api-Key"] == "key-5678" and first["headers"]["Authorization"] == "Bearer tok-1234"
+    followed, = other_app[REQUESTS]
+    assert {"Authorization", "X-Api-Key", "Cookie"}.isdisjoint(followed["headers"])
+    assert followed["headers"]["X-Team"] == "support" and followed["headers"]["X-Synthetic-Canary"] == "1"
+
+
+async def test_credentials_follow_a_redirect_on_the_same_origin(target: tuple[web.Application, str]) -> None:
+    app, base = target
+    result = await probe_once(url=f"{base}/chain/1", headers={"X-Api-Key": "key-5678"})
+    assert result.success, result.message
+    assert [r["headers"].get("X-Api-Key") for r in app[REQUESTS]] == ["key-5678", "key-5678"]
+
+
 @pytest.mark.parametrize(("expect_status", "reason"), [([302], "ok"), (["3xx"], "ok"), (["2xx"], "status")])
 async def test_redirect_not_followed_when_follow_redirects_is_off(
     target: tuple[web.Application, str], expect_status: list[int | str], reason: str

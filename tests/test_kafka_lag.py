@@ -15,7 +15,7 @@ from canary.contract import Result
 from canary.runner import run_once
 from canary.scrub import Scrubber
 from probes.kafka_dlq import KafkaDlqProbe, KafkaDlqSettings
-from probes.kafka_lag import KafkaLagProbe, KafkaLagSettings, Status
+from probes.kafka_lag import KafkaLagProbe, KafkaLagSettings, Observation, PartitionHistory, Status, partition_status
 from tests.conftest import free_port
 from tests.kafka_broker import Broker, create_topics, produce
 
@@ -81,6 +81,41 @@ async def committer_factory(kafka_broker: Broker) -> AsyncIterator[Any]:
     finally:
         for consumer in consumers:
             await consumer.stop()
+
+
+# --- the status rule, alone (no broker) ------------------------------------------------------------------------
+
+WINDOW, STOP_AFTER, EVERY = 5, 600.0, 30.0  # the defaults, with a run every 30 s
+
+
+@pytest.mark.parametrize(
+    ("observations", "expected"),
+    [
+        # 1. lag 0 now → OK, however long the committed offset has stood still (nothing to consume)
+        pytest.param([(10, 0)] * 30, Status.OK, id="ok-lag-zero-now"),
+        # 2. lag > 0 and no progress (a commit, or being caught up) for longer than stop_after → STOP
+        pytest.param([(10, 3)] * 22, Status.STOP, id="stop-no-commit-for-630s"),
+        pytest.param([(10, 0)] * 5 + [(10, 1)] * 22, Status.STOP, id="stop-630s-after-last-caught-up"),
+        # 3. the window not yet full, or a zero lag in it → OK
+        pytest.param([(10, 3), (10, 4)], Status.OK, id="ok-window-not-full"),
+        pytest.param([(10, 0), (10, 1), (10, 2), (10, 3), (10, 4)], Status.OK, id="ok-zero-lag-in-window"),
+        # 4. committed offset unchanged across the full window, lag > 0 → STALL
+        pytest.param([(10, 1), (10, 2), (10, 3), (10, 4), (10, 5)], Status.STALL, id="stall"),
+        # 5. commits move, but lag never falls and ends higher → WARN
+        pytest.param([(10, 1), (11, 2), (12, 2), (13, 3), (14, 4)], Status.WARN, id="warn-falling-behind"),
+        # 6. otherwise → OK
+        pytest.param([(10, 4), (12, 5), (15, 3), (16, 4), (17, 5)], Status.OK, id="ok-lag-fell-once"),
+        pytest.param([(10, 3), (11, 3), (12, 3), (13, 3), (14, 3)], Status.OK, id="ok-lag-steady"),
+        # Regression (Burrow PR #338): caught up for an hour (no commits: nothing came), then one new message.
+        pytest.param([(10, 0)] * 120 + [(10, 1)], Status.OK, id="ok-one-message-after-120-runs-caught-up"),
+    ],
+)
+def test_partition_status_follows_burrows_rules_in_order(observations: list[tuple[int, int]], expected: Status) -> None:
+    history = PartitionHistory.start(WINDOW, 0.0)
+    for index, (committed, lag) in enumerate(observations):
+        history.observe(Observation(committed, lag), index * EVERY)
+    now = (len(observations) - 1) * EVERY
+    assert partition_status(history, WINDOW, now, STOP_AFTER) is expected
 
 
 # --- consumer lag -----------------------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ async def test_retry_after_is_honoured_no_request_is_sent_inside_the_window(sand
             again = await run_once(probe, 3.0, Scrubber())
             assert again.reason == "rate_limited"
             assert "no request sent" in again.message and "will try again at" in again.message
-            assert again.duration_seconds < 0.05  # failed fast
+            assert again.duration_seconds < 1.0  # failed fast: no request (counted below), no 3 s wait
             assert 25 < gauges(again)[("llm_backoff_seconds", "")] <= 30
             assert gauges(again)[("llm_ratelimit_remaining", "requests")] == 0  # the 429's figures are kept
         assert len(await received(base)) == 1
@@ -434,18 +434,50 @@ def test_shipped_snippet_loads_with_sandbox_defaults(tmp_path: Path) -> None:
 
 def test_api_key_file_and_groq_defaults(tmp_path: Path) -> None:
     (tmp_path / "key").write_text(SECRET_KEY + "\n")
-    body = f'[[probes]]\nname = "llm"\ntype = "llm"\nchannel = "ai"\napi_key_file = "{tmp_path / "key"}"\n'
+    body = f'[[probes]]\nname = "llm"\ntype = "llm"\nchannel = "ai"\ntimeout = "20s"\napi_key_file = "{tmp_path / "key"}"\n'
     config = load_config(write_config(tmp_path, body), PROBE_TYPES, environ={})
     (probe,) = config.probes
     assert probe.api_key.get_secret_value() == SECRET_KEY and SECRET_KEY in config.secrets
     assert probe.base_url == "https://api.groq.com/openai/v1" and probe.model == DEFAULT_MODEL
-    # The default timeout outlives slow_after, and [daemon]'s 10s default does not cut it back.
-    assert (probe.timeout, probe.slow_after) == (30.0, 10.0)
+    assert (probe.timeout, probe.slow_after, probe.min_headroom) == (20.0, 10.0, 0.1)
+
+
+def test_without_a_timeout_of_its_own_the_probe_takes_daemons(tmp_path: Path) -> None:
+    # No timeout of the type's own: with a 20s interval there is no "timeout 30s is longer than the interval" about
+    # a key nobody wrote.
+    body = ('[daemon]\ntimeout = "15s"\n\n[[probes]]\nname = "llm"\ntype = "llm"\nchannel = "ai"\n'
+            'interval = "20s"\napi_key = "k-123456"\n')
+    (probe,) = load_config(write_config(tmp_path, body), PROBE_TYPES, environ={}).probes
+    assert (probe.interval, probe.timeout, probe.slow_after) == (20.0, 15.0, 10.0)
+
+
+@pytest.mark.parametrize(("daemon", "probe", "problem"), [
+    ('timeout = "5s"\n', 'slow_after = "10s"\n',
+     "probes[0].slow_after: 10s must be shorter than the probe's timeout 5s (inherited from "
+     "[daemon].timeout); set a longer timeout on the probe, or a shorter slow_after"),
+    ("", "",  # every default: [daemon]'s 10s is not longer than slow_after's 10s
+     "probes[0].slow_after: 10s must be shorter than the probe's timeout 10s (inherited from "
+     "[daemon].timeout); set a longer timeout on the probe, or a shorter slow_after"),
+    ('timeout = "30s"\n', 'interval = "8s"\n',
+     "probes[0].slow_after: 10s must be shorter than the probe's timeout 8s (inherited from the "
+     "probe's interval, shorter than [daemon].timeout); set a longer timeout on the probe, or a shorter slow_after"),
+    ("", 'timeout = "10s"\n',
+     "probes[0].timeout: 10s must be longer than slow_after 10s, or a slow answer is cut off as a "
+     "timeout instead of reported as slow"),
+])
+def test_an_effective_timeout_not_longer_than_slow_after_is_refused_naming_what_was_written(
+    tmp_path: Path, daemon: str, probe: str, problem: str
+) -> None:
+    body = f'[daemon]\n{daemon}\n[[probes]]\nname = "llm"\ntype = "llm"\nchannel = "ai"\napi_key = "k-123456"\n{probe}'
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path, body), PROBE_TYPES, environ={})
+    assert caught.value.problems == [problem]
 
 
 @pytest.mark.parametrize(("extra", "problem"), [
-    ('timeout = "10s"\n', "timeout (10s) must be longer than slow_after (10s)"),
-    ('slow_after = "45s"\n', "timeout (30s) must be longer than slow_after (45s)"),
+    ('timeout = "10s"\n', "probes[0].timeout: 10s must be longer than slow_after 10s"),
+    ('timeout = "30s"\nslow_after = "45s"\n', "probes[0].timeout: 30s must be longer than slow_after 45s"),
+    ('slow_after = "45s"\n', "probes[0].slow_after: 45s must be shorter than the probe's timeout 10s (inherited from [daemon].timeout)"),
     ('base_url = "api.groq.com/openai/v1"\n', "probes[0].base_url: must be an absolute http:// or https:// URL"),
     ('min_headroom = 1.5\n', "probes[0].min_headroom"),
     ('api_key = "has space"\n', "must be non-empty, without spaces or control characters"),

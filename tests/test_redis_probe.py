@@ -87,6 +87,11 @@ async def test_info_exports_gauges(local_redis: str) -> None:
     assert gauges["redis_connected_clients"] >= 1  # the probe itself
     assert gauges["redis_used_memory_bytes"] > 0
     assert "info" in result.phases
+    # A server-lifetime count is a counter, exported as canary_probe_redis_rejected_connections_total.
+    assert {gauge.family: gauge.kind for gauge in result.gauges} == {
+        "canary_probe_redis_connected_clients": "gauge", "canary_probe_redis_used_memory_bytes": "gauge",
+        "canary_probe_redis_maxmemory_bytes": "gauge", "canary_probe_redis_rejected_connections_total": "counter",
+    }
 
 
 async def test_each_run_closes_its_own_connection(local_redis: str) -> None:

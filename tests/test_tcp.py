@@ -212,3 +212,68 @@ def test_settings_load_from_toml(tmp_path: Path) -> None:
 def test_settings_reject_bad_values(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         TcpSettings(name="p", channel="c", host="h", **{"port": 1, **bad})
+
+
+@pytest.fixture
+def mute_tls_peer(tls_pair: tuple[ssl.SSLContext, str]):  # type: ignore[no-untyped-def]
+    """A TLS server (in a thread, blocking sockets) that completes the handshake, then never reads or answers the
+    client's close_notify, for up to 10 s per connection: the peer that once held a reload forever."""
+    import socket
+    import threading
+
+    context, ca_file = tls_pair
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve_forever() -> None:
+        held = []
+        deadline = __import__("time").monotonic() + 60
+        while not stop.is_set() and __import__("time").monotonic() < deadline:
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                continue
+            try:
+                held.append(context.wrap_socket(raw, server_side=True))
+            except (OSError, ssl.SSLError):
+                raw.close()
+        for conn in held:
+            conn.close()
+
+    thread = threading.Thread(target=serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], ca_file
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+async def test_a_reload_is_not_held_by_a_tls_peer_that_never_closes(mute_tls_peer) -> None:  # type: ignore[no-untyped-def]
+    from canary.scheduler import STOP_TIMEOUT, Scheduler
+    from canary.state import ResultStore
+
+    port, ca_file = mute_tls_peer
+
+    class Observer:
+        def observe_lateness(self, seconds: float) -> None: ...
+        def count_skipped(self, name: str, slots: int) -> None: ...
+
+    before = _settings(port, tls=True, ca_file=ca_file, interval="5s", timeout="4s")
+    store = ResultStore((1.0,), 5)
+    store.sync([before], (1.0,), 5)
+    scheduler = Scheduler(store, TcpProbe, Observer())
+    await scheduler.apply((before,), 0.01, Scrubber())
+    try:
+        await asyncio.sleep(0.7)  # connected, and now waiting for the peer's close_notify in close_writer
+        old_task = scheduler._running["port"].task
+        started = asyncio.get_running_loop().time()
+        await scheduler.apply((_settings(port, tls=True, ca_file=ca_file, interval="6s", timeout="4s"),), 0.01, Scrubber())
+        took = asyncio.get_running_loop().time() - started
+        assert took < STOP_TIMEOUT  # the old task ended when cancelled; it was not abandoned after the bound
+        assert not scheduler._abandoned
+        assert old_task.cancelled()  # the cancellation went through close_writer instead of being swallowed
+    finally:
+        await scheduler.stop(grace=0)

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import signal
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
+from aiohttp import web
 from pydantic import ValidationError
 
 from canary.runner import run_once
@@ -19,7 +22,7 @@ from canary.sandbox.faults import FAULTS
 from canary.sandbox.platform import DESK
 from canary.scrub import Scrubber
 from probes.transaction import TransactionProbe, TransactionSettings
-from tests.conftest import ROOT, Process, free_port, probe_command, wait_for_port, write_config
+from tests.conftest import ROOT, Process, free_port, probe_command, start_app, wait_for_port, wait_until, write_config
 
 
 def web_form(platform: str, within: str = "3s", **overrides: Any) -> TransactionSettings:
@@ -179,6 +182,254 @@ async def test_a_hanging_cleanup_is_bounded_by_cleanup_timeout(sandbox) -> None:
     assert result.reason == "cleanup" and "no answer within cleanup_timeout 1s" in result.message
     assert time.monotonic() - started < 3
     app[DESK].tickets.clear()
+
+
+# --- cleanup that outlives the runner's timeout -----------------------------------------------------------------
+
+SLOW_DESK = web.AppKey("slow_desk", dict)
+
+
+async def _slow_submit(request: web.Request) -> web.Response:
+    desk = request.app[SLOW_DESK]
+    await asyncio.sleep(desk["submit_seconds"])
+    ticket_id = f"t{len(desk['created']) + 1}"
+    desk["created"].append(ticket_id)
+    desk["open"].add(ticket_id)
+    return web.json_response({"id": ticket_id}, status=201)
+
+
+async def _slow_delete(request: web.Request) -> web.Response:
+    desk = request.app[SLOW_DESK]
+    desk["deletes_started"] += 1
+    await asyncio.sleep(desk["delete_seconds"])  # cancelled (nothing deleted) if the client gives up first
+    desk["open"].discard(request.match_info["ticket_id"])
+    return web.Response(status=204)
+
+
+@pytest.fixture
+async def slow_desk():  # type: ignore[no-untyped-def]
+    """A ticket API whose submit takes 0.3 s and whose delete takes 1 s. It drops a request whose client went away
+    (handler cancellation), so a delete the canary stops waiting for never happens, as on a platform whose request
+    is rolled back when the connection goes."""
+    app = web.Application()
+    app[SLOW_DESK] = {"submit_seconds": 0.3, "delete_seconds": 1.0, "created": [], "open": set(), "deletes_started": 0}
+    app.router.add_post("/tickets", _slow_submit)
+    app.router.add_delete("/tickets/{ticket_id}", _slow_delete)
+    runner, url = await start_app(app, handler_cancellation=True)
+    try:
+        yield app[SLOW_DESK], url
+    finally:
+        await runner.cleanup()
+
+
+def submit_then_delete(base: str) -> TransactionSettings:
+    return TransactionSettings.model_validate({
+        "name": "slow-desk", "type": "transaction", "channel": "web_form", "interval": "1m", "timeout": "20s",
+        "base_url": base,
+        "steps": [{"name": "submit", "method": "POST", "url": "/tickets", "json": {"subject": "[canary] {run_id}"},
+                   "extract": {"ticket_id": "id"}}],
+        "cleanup": [{"name": "delete_ticket", "method": "DELETE", "url": "/tickets/{ticket_id}"}],
+        "cleanup_timeout": "5s",
+    })
+
+
+async def test_cleanup_cut_off_by_the_runners_timeout_still_deletes_the_ticket(slow_desk) -> None:  # type: ignore[no-untyped-def]
+    # submit (0.3 s) passes, the runner's 0.6 s timeout fires during the 1 s delete: the delete must still finish.
+    desk, base = slow_desk
+    started = time.monotonic()
+    result = await run(submit_then_delete(base), timeout=0.6)
+
+    assert result.reason == "timeout", result.message
+    assert time.monotonic() - started < 0.6 + 5 + 2  # the run's bound: timeout + cleanup_timeout
+    await wait_until(lambda: not desk["open"], timeout=7)
+    assert len(desk["created"]) == 1 and desk["deletes_started"] == 1
+
+
+async def test_cancelling_a_run_during_its_cleanup_waits_for_the_cleanup_then_propagates(slow_desk) -> None:  # type: ignore[no-untyped-def]
+    desk, base = slow_desk
+    task = asyncio.create_task(run(submit_then_delete(base)))
+    await wait_until(lambda: desk["deletes_started"] == 1, timeout=5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert desk["created"] and not desk["open"]
+
+
+async def test_a_second_cancellation_leaves_the_cleanup_running_and_close_waits_for_it(slow_desk) -> None:  # type: ignore[no-untyped-def]
+    desk, base = slow_desk
+    probe = TransactionProbe(submit_then_delete(base))
+    task = asyncio.create_task(run_once(probe, 20.0, Scrubber()))
+    await wait_until(lambda: desk["deletes_started"] == 1, timeout=5)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    task.cancel()  # a second SIGTERM: stop waiting, not cleaning
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert desk["open"], "the run waited for the whole delete although it was cancelled twice"
+    await asyncio.wait_for(probe.close(), timeout=5 + 2)  # close() waits for the cleanup still running
+    assert not desk["open"]
+
+
+# --- cookies: one jar per run, for the platform's origin only ---------------------------------------------------
+
+LOGIN_DESK = web.AppKey("login_desk", dict)
+
+
+def _session_of(request: web.Request) -> str | None:
+    session = request.cookies.get("session")
+    return session if session in request.app[LOGIN_DESK]["sessions"] else None
+
+
+async def _login(request: web.Request) -> web.Response:
+    desk = request.app[LOGIN_DESK]
+    desk["login_cookies"].append(request.headers.get("Cookie"))
+    session = secrets.token_hex(16)
+    desk["sessions"][session] = secrets.token_hex(16)  # the session's CSRF token
+    response = web.json_response({"ok": True})
+    response.set_cookie("session", session, httponly=True, path="/")
+    return response
+
+
+async def _form(request: web.Request) -> web.Response:
+    session = _session_of(request)
+    if session is None:
+        return web.json_response({"error": "log in first"}, status=401)
+    return web.json_response({"csrf": request.app[LOGIN_DESK]["sessions"][session]})
+
+
+async def _submit(request: web.Request) -> web.Response:
+    session = _session_of(request)
+    if session is None:
+        return web.json_response({"error": "log in first"}, status=401)
+    if request.headers.get("X-CSRF-Token") != request.app[LOGIN_DESK]["sessions"][session]:
+        return web.json_response({"error": "bad CSRF token"}, status=403)
+    return web.json_response({"ticket_id": "t1"}, status=201)
+
+
+async def _whoami(request: web.Request) -> web.Response:
+    # Echoes the credentials it got: a platform's debug page, or a check whose "got" would show them.
+    return web.json_response({"session": request.cookies.get("session"), "csrf": request.headers.get("X-CSRF-Token")})
+
+
+async def _redirect_away(request: web.Request) -> web.Response:
+    raise web.HTTPFound(request.query["to"])
+
+
+def _login_app() -> web.Application:
+    app = web.Application()
+    app[LOGIN_DESK] = {"sessions": {}, "login_cookies": []}
+    app.router.add_post("/login", _login)
+    app.router.add_get("/form", _form)
+    app.router.add_post("/submit", _submit)
+    app.router.add_get("/whoami", _whoami)
+    app.router.add_get("/away", _redirect_away)
+    return app
+
+
+COOKIE_SEEN = web.AppKey("cookie_seen", list)
+
+
+async def _record_cookie(request: web.Request) -> web.Response:
+    request.app[COOKIE_SEEN].append(request.headers.get("Cookie"))
+    return web.json_response({})
+
+
+@pytest.fixture
+async def login_desk():  # type: ignore[no-untyped-def]
+    app = _login_app()
+    runner, url = await start_app(app)  # an IP-literal host (127.0.0.1), whose cookies aiohttp refuses by default
+    try:
+        yield app[LOGIN_DESK], url
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def other_servers():  # type: ignore[no-untyped-def]
+    """Two servers that record the Cookie header they get: another port of 127.0.0.1, and `localhost`."""
+    apps, runners = [], []
+    for _ in range(2):
+        app = web.Application()
+        app[COOKIE_SEEN] = []
+        app.router.add_get("/echo", _record_cookie)
+        runner, _ = await start_app(app)
+        apps.append(app)
+        runners.append(runner)
+    port = [runner.addresses[0][1] for runner in runners]
+    try:
+        yield {"same_host_other_port": (apps[0], f"http://127.0.0.1:{port[0]}"),
+               "localhost": (apps[1], f"http://localhost:{port[1]}")}
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+LOGIN_STEPS: list[dict[str, Any]] = [
+    {"name": "login", "method": "POST", "url": "/login", "form": {"user": "canary", "password": "pw-8c1d2e"}},
+    {"name": "form", "url": "/form", "extract": {"csrf": "csrf"}},
+    {"name": "submit", "method": "POST", "url": "/submit", "headers": {"X-CSRF-Token": "{csrf}"},
+     "json": {"subject": "[canary] {run_id}"}, "expect_status": [201], "expect": ["ticket_id exists"]},
+]
+
+
+def login_flow(base: str, *extra_steps: dict[str, Any]) -> TransactionSettings:
+    return TransactionSettings.model_validate({
+        "name": "login-form", "type": "transaction", "channel": "web_form", "interval": "1m", "timeout": "10s",
+        "base_url": base, "steps": [*LOGIN_STEPS, *extra_steps],
+    })
+
+
+async def test_a_login_then_form_flow_carries_the_session_cookie_and_the_csrf_token(login_desk) -> None:  # type: ignore[no-untyped-def]
+    desk, base = login_desk
+    result = await run(login_flow(base))
+
+    assert result.success, result.message
+    assert set(result.phases) == {"login", "form", "submit"}
+    assert len(desk["sessions"]) == 1
+
+
+async def test_every_run_starts_with_an_empty_cookie_jar(login_desk) -> None:  # type: ignore[no-untyped-def]
+    desk, base = login_desk
+    probe = TransactionProbe(login_flow(base))
+    try:
+        first = await run_once(probe, 10.0, Scrubber())
+        second = await run_once(probe, 10.0, Scrubber())
+    finally:
+        await probe.close()
+
+    assert first.success and second.success, (first.message, second.message)
+    assert desk["login_cookies"] == [None, None]  # the second login did not send the first run's session
+
+
+async def test_cookies_never_cross_to_another_origin(login_desk, other_servers) -> None:  # type: ignore[no-untyped-def]
+    _, base = login_desk
+    other_port_app, other_port = other_servers["same_host_other_port"]
+    localhost_app, localhost = other_servers["localhost"]
+    steps = [
+        {"name": "other_port", "url": f"{other_port}/echo"},
+        {"name": "other_host", "url": f"{localhost}/echo"},
+        {"name": "redirected", "url": "/away?to=" + quote(f"{other_port}/echo", safe="")},
+        {"name": "back_home", "url": "/whoami", "expect": ["session exists"]},
+    ]
+    result = await run(login_flow(base, *steps))
+
+    assert result.success, result.message  # back_home: the platform itself still got its cookie
+    assert other_port_app[COOKIE_SEEN] == [None, None]  # neither asked directly nor through the redirect
+    assert localhost_app[COOKIE_SEEN] == [None]
+
+
+async def test_cookies_and_secret_header_values_never_appear_in_messages(login_desk) -> None:  # type: ignore[no-untyped-def]
+    desk, base = login_desk
+    whoami = {"name": "whoami", "url": "/whoami", "headers": {"X-CSRF-Token": "{csrf}"},
+              "expect": ['session == "nobody"', 'csrf == "none"']}
+    result = await run(login_flow(base, whoami))
+
+    assert result.reason == "assertion"
+    [(session, csrf)] = desk["sessions"].items()
+    texts = [result.message, *(check.text for check in result.checks)]
+    assert not any(session in text or csrf in text for text in texts), texts
+    assert '[whoami] session == "nobody" (got "***")' in result.message
+    assert "pw-8c1d2e" in login_flow(base).secret_values()  # the login form's password is a config secret
 
 
 async def test_connection_refused_names_the_step() -> None:

@@ -22,7 +22,7 @@ from canary.sandbox.whatsapp import DEFAULT_AUTH_TOKEN
 from canary.scrub import Scrubber
 from probes import PROBE_TYPES
 from probes.whatsapp import WhatsAppProbe, WhatsAppSettings
-from tests.conftest import free_port, start_app, write_config
+from tests.conftest import free_port, start_app, wait_until, write_config
 
 ACCOUNT_SID = "AC" + "0" * 32
 CANARY_NUMBER = "+15005550006"
@@ -89,15 +89,22 @@ async def _recording_webhook(request: web.Request) -> web.Response:
         {"form": dict(form), "headers": dict(request.headers), "valid": valid, "content_type": request.content_type}
     )
     if not valid:
-        return web.Response(status=behaviour.get("forged_status", 403), text="Forbidden")
+        status = behaviour.get("forged_status", 403)
+        if "X-Twilio-Signature" not in request.headers:
+            status = behaviour.get("unsigned_status", status)
+        return web.Response(status=status, text="Forbidden")
     return web.Response(status=behaviour.get("status", 200), text=behaviour.get("body", "<Response/>"),
                         content_type="application/xml")
 
 
 async def _cleanup_endpoint(request: web.Request) -> web.Response:
+    behaviour = request.app[BEHAVIOUR]
+    behaviour["cleanups_started"] = behaviour.get("cleanups_started", 0) + 1
+    # Cancelled, recording nothing, when the client gives up first (the recorder drops such requests).
+    await asyncio.sleep(behaviour.get("cleanup_seconds", 0.0))
     request.app[RECEIVED].append({"cleanup": request.match_info["sid"], "method": request.method,
                                   "headers": dict(request.headers)})
-    return web.Response(status=request.app[BEHAVIOUR].get("cleanup_status", 204))
+    return web.Response(status=behaviour.get("cleanup_status", 204))
 
 
 @pytest.fixture
@@ -107,7 +114,7 @@ async def recorder() -> AsyncIterator[tuple[web.Application, str]]:
     app[BEHAVIOUR] = {}
     app.router.add_post("/whatsapp/webhook", _recording_webhook)
     app.router.add_route("*", "/cleanup/{sid}", _cleanup_endpoint)
-    runner, base = await start_app(app)
+    runner, base = await start_app(app, handler_cancellation=True)
     try:
         yield app, base
     finally:
@@ -141,22 +148,24 @@ def check_texts(result: Result) -> list[tuple[bool, str]]:
 # --- healthy ------------------------------------------------------------------------------------------------------
 
 
-async def test_healthy_platform_accepts_the_signed_message_and_refuses_the_forged_one(platform: Sandbox) -> None:
+async def test_healthy_platform_accepts_the_signed_message_and_refuses_forged_and_unsigned(platform: Sandbox) -> None:
     base = await platform()
     [result] = await probe_once(base)
 
     assert result.success and result.reason == "ok", result.message
-    assert result.message == "signed webhook answered HTTP 200 with TwiML; forged signature refused with HTTP 403"
+    assert result.message == ("signed webhook answered HTTP 200 with TwiML; forged signature refused with HTTP 403; "
+                              "unsigned request refused with HTTP 403")
     assert check_texts(result) == [
         (True, "[SIGNED] HTTP 200"), (True, "[TWIML] <Response> document"), (True, "[FORGED] HTTP 403 in (403)"),
+        (True, "[UNSIGNED] HTTP 403 in (403)"),
     ]
-    assert result.phases["signed"] > 0 and result.phases["forged"] > 0
+    assert result.phases["signed"] > 0 and result.phases["forged"] > 0 and result.phases["unsigned"] > 0
     seen = await inbox(base)
     [message] = seen["messages"]
     assert message["signature_valid"] and message["synthetic"]
     assert message["body"] == "[canary] synthetic check"
     assert (message["from"], message["to"]) == (f"whatsapp:{CANARY_NUMBER}", f"whatsapp:{PLATFORM_NUMBER}")
-    assert seen["refused"] == [{"message_sid": message["message_sid"], "signature_valid": False}]
+    assert seen["refused"] == [{"message_sid": message["message_sid"], "signature_valid": False}] * 2
     assert seen["conversations"] == []  # a synthetic message leaves nothing behind
 
 
@@ -165,7 +174,7 @@ async def test_sends_the_form_twilio_sends_signed_over_the_url(recorder: tuple[w
     [result] = await probe_once(base, body="[canary] hello from the probe", profile_name="Canary Bot")
 
     assert result.success, result.message
-    signed, forged = app[RECEIVED]
+    signed, forged, unsigned = app[RECEIVED]
     form = signed["form"]
     assert set(form) == TWILIO_FIELDS
     assert signed["content_type"] == "application/x-www-form-urlencoded"
@@ -180,6 +189,8 @@ async def test_sends_the_form_twilio_sends_signed_over_the_url(recorder: tuple[w
     # The negative check repeats the very same message, only the signature is wrong.
     assert forged["form"] == form and not forged["valid"]
     assert forged["headers"]["X-Twilio-Signature"] != signed["headers"]["X-Twilio-Signature"]
+    assert unsigned["form"] == form and "X-Twilio-Signature" not in unsigned["headers"]
+    assert unsigned["headers"]["X-Synthetic-Canary"] == "1"
 
 
 async def test_every_run_sends_a_fresh_message_sid(recorder: tuple[web.Application, str]) -> None:
@@ -188,9 +199,9 @@ async def test_every_run_sends_a_fresh_message_sid(recorder: tuple[web.Applicati
 
     assert all(result.success for result in results), [r.message for r in results]
     sids = [entry["form"]["MessageSid"] for entry in app[RECEIVED]]
-    assert len(sids) == 6
-    assert sids[0] == sids[1] and sids[2] == sids[3] and sids[4] == sids[5]  # signed + forged share one
-    assert len({sids[0], sids[2], sids[4]}) == 3
+    assert len(sids) == 9
+    assert all(len(set(sids[run:run + 3])) == 1 for run in (0, 3, 6))  # signed, forged, unsigned share one
+    assert len({sids[0], sids[3], sids[6]}) == 3
     assert all(MESSAGE_SID.match(sid) for sid in sids)
 
 
@@ -213,6 +224,8 @@ async def test_synthetic_header_and_extra_headers_are_configurable(recorder: tup
         ("error", "status", "signed webhook answered HTTP 500, expected 2xx"),
         ("reject_all", "auth", "the platform refused a correctly signed webhook with HTTP 403"),
         ("skip_validation", "insecure", "the platform accepted a webhook with a forged X-Twilio-Signature (HTTP 200)"),
+        ("accept_unsigned", "insecure", "the platform accepts unsigned webhooks: a request without X-Twilio-Signature "
+                                        "was answered HTTP 200"),
         ("bad_twiml", "assertion", "signed webhook answered HTTP 200 but not with TwiML: not well-formed XML"),
     ],
 )
@@ -238,13 +251,39 @@ async def test_platform_that_skips_validation_is_caught_by_the_forged_check(plat
     assert seen["refused"] == []
 
 
-async def test_without_the_forged_check_a_platform_skipping_validation_passes(platform: Sandbox) -> None:
+async def test_platform_that_accepts_unsigned_webhooks_is_caught_by_the_unsigned_check(platform: Sandbox) -> None:
     base = await platform()
-    await set_faults(base, whatsapp_webhook="skip_validation")
+    await set_faults(base, whatsapp_webhook="accept_unsigned")
+    [result] = await probe_once(base)
+
+    assert result.reason == "insecure"
+    assert result.message.endswith("it must refuse it with 403: anyone can post messages as Twilio")
+    assert check_texts(result)[-2:] == [(True, "[FORGED] HTTP 403 in (403)"), (False, "[UNSIGNED] HTTP 200 in (403)")]
+    seen = await inbox(base)
+    assert [m["signature_valid"] for m in seen["messages"]] == [True, False]  # the unsigned one got in
+    assert [r["signature_valid"] for r in seen["refused"]] == [False]  # the forged one did not
+
+
+async def test_unsigned_refused_with_another_status_fails_unless_expected(recorder: tuple[web.Application, str]) -> None:
+    app, base = recorder
+    app[BEHAVIOUR]["unsigned_status"] = 400
+    [default] = await probe_once(base)
+    [configured] = await probe_once(base, expect_forged_status=[400, 403])
+
+    assert default.reason == "status"
+    assert default.message == "unsigned webhook answered HTTP 400, expected 403"
+    assert configured.success, configured.message
+    assert check_texts(configured)[-1] == (True, "[UNSIGNED] HTTP 400 in (400, 403)")
+
+
+@pytest.mark.parametrize("fault", ["skip_validation", "accept_unsigned"])
+async def test_without_the_forged_check_an_insecure_platform_passes(platform: Sandbox, fault: str) -> None:
+    base = await platform()
+    await set_faults(base, whatsapp_webhook=fault)
     [result] = await probe_once(base, check_forged=False)
 
     assert result.success, result.message
-    assert "forged" not in result.phases
+    assert "forged" not in result.phases and "unsigned" not in result.phases
     assert len((await inbox(base))["messages"]) == 1
 
 
@@ -278,7 +317,8 @@ async def test_forged_refused_with_another_status_fails_unless_expected(recorder
     assert default.reason == "status"
     assert default.message == "forged webhook answered HTTP 401, expected 403"
     assert configured.success, configured.message
-    assert check_texts(configured)[-1] == (True, "[FORGED] HTTP 401 in (401, 403)")
+    assert check_texts(configured)[-2:] == [(True, "[FORGED] HTTP 401 in (401, 403)"),
+                                            (True, "[UNSIGNED] HTTP 401 in (401, 403)")]
     assert by_class.success, by_class.message
 
 
@@ -368,7 +408,7 @@ async def test_cleanup_runs_after_the_checks_with_the_message_sid(recorder: tupl
     [result] = await probe_once(base, cleanup={"url": base + "/cleanup/{message_sid}"})
 
     assert result.success, result.message
-    signed, forged, cleanup = app[RECEIVED]
+    signed, forged, unsigned, cleanup = app[RECEIVED]
     assert cleanup["cleanup"] == signed["form"]["MessageSid"] and cleanup["method"] == "DELETE"
     assert cleanup["headers"]["X-Synthetic-Canary"] == "1"
     assert "X-Twilio-Signature" not in cleanup["headers"]
@@ -405,6 +445,58 @@ async def test_unreachable_cleanup_fails_as_cleanup(recorder: tuple[web.Applicat
 
     assert result.reason == "cleanup"
     assert "cleanup DELETE failed: cannot connect" in result.message
+
+
+async def test_cleanup_cut_off_by_the_runners_timeout_still_completes(recorder: tuple[web.Application, str]) -> None:
+    # The checks pass quickly; the runner's 0.6 s timeout fires during the 1 s cleanup, which must still finish.
+    app, base = recorder
+    app[BEHAVIOUR]["cleanup_seconds"] = 1.0
+    started = asyncio.get_running_loop().time()
+    [result] = await probe_once(base, timeout=0.6, cleanup={"url": base + "/cleanup/{message_sid}"})
+
+    assert result.reason == "timeout", result.message
+    assert asyncio.get_running_loop().time() - started < 0.6 + 5 + 2  # timeout + cleanup_timeout
+    await wait_until(lambda: any("cleanup" in entry for entry in app[RECEIVED]), timeout=7)
+    [cleanup] = [entry for entry in app[RECEIVED] if "cleanup" in entry]
+    assert cleanup["cleanup"] == app[RECEIVED][0]["form"]["MessageSid"]
+
+
+async def test_cleanup_runs_after_a_timeout_during_the_checks(platform: Sandbox,
+                                                              recorder: tuple[web.Application, str]) -> None:
+    app, cleanup_base = recorder
+    base = await platform()
+    await set_faults(base, whatsapp_webhook="hang")
+    [result] = await probe_once(base, timeout=SHORT_TIMEOUT, cleanup={"url": cleanup_base + "/cleanup/{message_sid}"})
+
+    assert result.reason == "timeout" and "during signed" in result.message
+    await wait_until(lambda: bool(app[RECEIVED]), timeout=7)
+    [cleanup] = app[RECEIVED]
+    assert MESSAGE_SID.match(cleanup["cleanup"]) and cleanup["method"] == "DELETE"
+
+
+async def test_cancelling_a_run_during_its_cleanup_waits_for_the_cleanup_then_propagates(
+    recorder: tuple[web.Application, str]
+) -> None:
+    app, base = recorder
+    app[BEHAVIOUR]["cleanup_seconds"] = 1.0
+    task = asyncio.create_task(probe_once(base, timeout=20, cleanup={"url": base + "/cleanup/{message_sid}"}))
+    await wait_until(lambda: app[BEHAVIOUR].get("cleanups_started") == 1, timeout=5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [entry.get("cleanup") for entry in app[RECEIVED]][-1] == app[RECEIVED][0]["form"]["MessageSid"]
+
+
+async def test_a_hanging_cleanup_is_bounded_by_cleanup_timeout(recorder: tuple[web.Application, str]) -> None:
+    app, base = recorder
+    app[BEHAVIOUR]["cleanup_seconds"] = 30.0
+    started = asyncio.get_running_loop().time()
+    [result] = await probe_once(base, timeout=5, cleanup={"url": base + "/cleanup/{message_sid}"},
+                                cleanup_timeout="500ms")
+
+    assert result.reason == "cleanup"
+    assert result.message.endswith("but cleanup DELETE got no answer within cleanup_timeout 500ms")
+    assert asyncio.get_running_loop().time() - started < 0.5 + 2
 
 
 # --- settings and config ------------------------------------------------------------------------------------------
@@ -468,13 +560,13 @@ async def test_no_auth_token_in_messages_checks_or_logs(platform: Sandbox, caplo
     base = await platform(token=token)
     caplog.set_level(logging.DEBUG)
     results: list[Result] = []
-    for fault in ("ok", "reject_all", "skip_validation", "bad_twiml", "error"):
+    for fault in ("ok", "reject_all", "skip_validation", "accept_unsigned", "bad_twiml", "error"):
         await set_faults(base, whatsapp_webhook=fault)
         results += await probe_once(base, auth_token=token, headers={"X-Api-Key": "key-1234567890"})
     await set_faults(base, whatsapp_webhook="ok")
     results += await probe_once(base, auth_token="a-stale-token-000111")
 
-    assert [r.reason for r in results] == ["ok", "auth", "insecure", "assertion", "status", "auth"]
+    assert [r.reason for r in results] == ["ok", "auth", "insecure", "insecure", "assertion", "status", "auth"]
     texts = [r.message for r in results] + [c.text for r in results for c in r.checks] + [caplog.text]
     for secret in (token, "a-stale-token-000111", "key-1234567890"):
         assert not any(secret in text for text in texts), secret

@@ -24,7 +24,11 @@ from canary.sandbox.faults import FAULTS, HANG_SECONDS
 DEFAULT_AUTH_TOKEN = "sandbox-twilio-auth-token"
 WEBHOOK_PATH = "/whatsapp/webhook"
 FAULT_DEFAULTS: dict[str, Any] = {"whatsapp_webhook": "ok"}
-FAULT_CHOICES = {"whatsapp_webhook": ("ok", "error", "hang", "skip_validation", "reject_all", "bad_twiml")}
+# skip_validation accepts anything; accept_unsigned is the subtler bug: a present signature is checked, a request
+# without one is let through.
+FAULT_CHOICES = {
+    "whatsapp_webhook": ("ok", "error", "hang", "skip_validation", "accept_unsigned", "reject_all", "bad_twiml"),
+}
 _KEEP = 200  # how many received requests the inspection lists remember
 _TWIML = "application/xml"
 
@@ -68,7 +72,8 @@ async def _webhook(request: web.Request) -> web.Response:
     form = await request.post()
     signature = request.headers.get(SIGNATURE_HEADER, "")
     valid = bool(signature) and RequestValidator(inbox.auth_token).validate(inbox.signed_url(request), form, signature)
-    if mode == "reject_all" or (not valid and mode != "skip_validation"):
+    let_through = mode == "skip_validation" or (mode == "accept_unsigned" and SIGNATURE_HEADER not in request.headers)
+    if mode == "reject_all" or (not valid and not let_through):
         inbox.refused.append({"message_sid": form.get("MessageSid", ""), "signature_valid": valid})
         return web.Response(status=403, text="Forbidden")
     synthetic = request.headers.get("X-Synthetic-Canary") == "1"
