@@ -1,7 +1,8 @@
 """Runs one probe once under its timeout and turns whatever happens into a Result.
 
 This is the only place that catches a probe's exceptions: a hang becomes `timeout`, a crash or a
-malformed return becomes `internal`, and every message is scrubbed of secrets. Cancellation passes through.
+malformed return becomes `internal`, and every message and check text is scrubbed of secrets and made printable
+(messages quote what targets sent, control characters included). Cancellation passes through.
 A probe that cleans up after itself finishes its (bounded) cleanup before it lets the timeout's cancellation
 through, so its run can end up to its `cleanup_timeout` after `timeout` (see `probes/cleanup.py`).
 """
@@ -13,7 +14,7 @@ import logging
 from dataclasses import replace
 from time import perf_counter
 
-from canary.contract import format_duration, PhaseTimer, Probe, Result
+from canary.contract import format_duration, PhaseTimer, printable, Probe, Result
 from canary.scrub import Scrubber
 
 log = logging.getLogger("canary.runner")
@@ -37,13 +38,13 @@ async def run_once(probe: Probe, timeout: float, scrub: Scrubber) -> Result:
         during = f" during {timer.current}" if timer.current else ""
         result = Result.fail("timeout", f"no answer within {format_duration(timeout)}{during}")
     except Exception as exc:  # noqa: BLE001 - a probe's bug must fail that probe alone
-        log.debug("probe %s raised %s: %s", probe.settings.name, type(exc).__name__, scrub(str(exc)))
+        log.debug("probe %s raised %s: %s", probe.settings.name, type(exc).__name__, printable(scrub(str(exc))))
         result = Result.fail("internal", f"probe raised {type(exc).__name__}: {exc}")
     duration = perf_counter() - started
     phases = dict(timer.phases)
     phases.update(result.phases)
-    message = scrub(result.message)
+    message = printable(scrub(result.message))
     if len(message) > MAX_MESSAGE_LENGTH:
         message = message[: MAX_MESSAGE_LENGTH - 1] + "…"
-    checks = tuple(replace(check, text=scrub(check.text)) for check in result.checks)
+    checks = tuple(replace(check, text=printable(scrub(check.text))) for check in result.checks)
     return replace(result, duration_seconds=duration, phases=phases, message=message, checks=checks)

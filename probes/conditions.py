@@ -10,13 +10,18 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from canary.contract import Check
+import regex
+
+from canary.contract import Check, RegexTimeout, compile_regex, format_duration, search_now
 from probes.jsonpath import is_missing, lookup, parse_path
 
 _CONDITION = re.compile(
     r"^\s*(?P<path>\S+)\s+(?P<op>==|!=|<=|>=|<|>|not contains|contains|matches|in|not exists|exists)\s*(?P<value>.*?)\s*$"
 )
 _UNARY = ("exists", "not exists")
+# How long one `matches` may search a value. Conditions are judged synchronously, on the event loop, so a pattern
+# that backtracks without end on a value the platform sent holds every other probe for at most this long.
+MATCH_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,7 @@ class Condition:
     steps: tuple[str | int, ...]
     op: str
     expected: Any
-    pattern: re.Pattern[str] | None = None
+    pattern: regex.Pattern | None = None
 
     def evaluate(self, document: Any) -> Check:
         actual = lookup(document, self.steps)
@@ -34,7 +39,11 @@ class Condition:
             return Check(not missing, self.source)
         if self.op == "not exists":
             return Check(missing, f"{self.source} (got {_show(actual)})" if not missing else self.source)
-        passed = not missing and _compare(self.op, actual, self.expected, self.pattern)
+        try:
+            passed = not missing and _compare(self.op, actual, self.expected, self.pattern)
+        except RegexTimeout as exc:  # undecided is not passed
+            return Check(False, f"{self.source} (gave up after {format_duration(exc.seconds)}: the pattern backtracks "
+                                f"too much on this {len(actual)}-character value)")
         return Check(passed, f"{self.source} (got {'missing' if missing else _show(actual)})")
 
 
@@ -65,8 +74,8 @@ def parse_condition(text: str) -> Condition:
         if not isinstance(expected, str):
             raise ValueError(f"condition {text!r}: 'matches' takes a regular expression as a JSON string")
         try:
-            pattern = re.compile(expected)
-        except re.error as exc:
+            pattern = compile_regex(expected)
+        except regex.error as exc:
             raise ValueError(f"condition {text!r}: not a valid regular expression: {exc}") from None
     return Condition(text.strip(), steps, op, expected, pattern)
 
@@ -80,7 +89,7 @@ def _equal(a: Any, b: Any) -> bool:
     return isinstance(a, bool) == isinstance(b, bool) and a == b
 
 
-def _compare(op: str, actual: Any, expected: Any, pattern: re.Pattern[str] | None) -> bool:
+def _compare(op: str, actual: Any, expected: Any, pattern: regex.Pattern | None) -> bool:
     if op == "==":
         return _equal(actual, expected)
     if op == "!=":
@@ -98,7 +107,7 @@ def _compare(op: str, actual: Any, expected: Any, pattern: re.Pattern[str] | Non
             found = False
         return found if op == "contains" else not found
     if op == "matches":
-        return isinstance(actual, str) and pattern is not None and pattern.search(actual) is not None
+        return isinstance(actual, str) and pattern is not None and search_now(pattern, actual, MATCH_SECONDS) is not None
     if op == "in":
         return any(_equal(actual, item) for item in expected)
     raise AssertionError(f"unhandled operator {op}")

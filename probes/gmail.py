@@ -156,10 +156,22 @@ class _TimeoutSession(requests.Session):
     def __init__(self, timeout: float) -> None:
         super().__init__()
         self.call_timeout = timeout
+        self.last_status: int | None = None  # google-auth's RefreshError does not keep the status code
 
     def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         kwargs["timeout"] = self.call_timeout
-        return super().request(*args, **kwargs)
+        response = super().request(*args, **kwargs)
+        self.last_status = response.status_code
+        return response
+
+
+class _Refused(Exception):
+    """google-auth's RefreshError, with the status code of the token endpoint's last answer."""
+
+    def __init__(self, error: google_exceptions.RefreshError, status: int | None) -> None:
+        super().__init__(error, status)
+        self.error = error
+        self.status = status
 
 
 def _refresh(info: dict[str, str], token_uri: str, timeout: float) -> tuple[str, datetime | None]:
@@ -167,7 +179,10 @@ def _refresh(info: dict[str, str], token_uri: str, timeout: float) -> tuple[str,
     # from_authorized_user_info always sets Google's token URI (it ignores the file's), hence with_token_uri.
     credentials = Credentials.from_authorized_user_info(info).with_token_uri(token_uri)
     with _TimeoutSession(timeout) as session:
-        credentials.refresh(google.auth.transport.requests.Request(session))
+        try:
+            credentials.refresh(google.auth.transport.requests.Request(session))
+        except google_exceptions.RefreshError as exc:
+            raise _Refused(exc, session.last_status) from exc
     return credentials.token, credentials.expiry
 
 
@@ -217,8 +232,8 @@ class GmailProbe(Probe[GmailSettings]):
         timeout = (settings.timeout or _DEFAULT_REQUEST_TIMEOUT) + _TIMEOUT_MARGIN
         try:
             token, expiry = await asyncio.to_thread(_refresh, settings.credentials_file.info(), token_uri, timeout)
-        except google_exceptions.RefreshError as exc:
-            return self._refresh_failure(exc)
+        except _Refused as refused:
+            return self._refresh_failure(refused.error, refused.status)
         except google_exceptions.TransportError as exc:
             return _transport_failure(exc, token_uri)
         if expiry is not None:
@@ -227,17 +242,18 @@ class GmailProbe(Probe[GmailSettings]):
                                 "When the access token refreshed by the last run expires (Unix time)."))
         return token
 
-    def _refresh_failure(self, exc: google_exceptions.RefreshError) -> Result:
+    def _refresh_failure(self, exc: google_exceptions.RefreshError, status: int | None) -> Result:
         data = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], dict) else {}
         error = data.get("error") if isinstance(data.get("error"), str) else ""
         description = data.get("error_description") if isinstance(data.get("error_description"), str) else ""
         said = self._quote(f"{error}: {description}" if description else error or str(exc.args[0] if exc.args else exc))
+        said = f"HTTP {status}: {said}" if status else said
         where = url_for_humans(self.settings.token_uri())
         if error == "invalid_grant":
             return Result.fail("invalid_grant", f"the token endpoint refused the refresh token ({said}): it was revoked "
                                "or has expired, so the platform's Gmail channel will stop sending and receiving mail "
                                "until the mailbox is authorised again")
-        if getattr(exc, "retryable", False):
+        if getattr(exc, "retryable", False) or (status or 0) >= 500:  # a non-JSON 5xx is retried, but flagged not retryable
             return Result.fail("status", f"the token endpoint {where} failed with a server-side error ({said}), "
                                "also after google-auth's retries")
         if error:

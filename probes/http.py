@@ -19,7 +19,8 @@ from pydantic import Field, field_validator, model_validator
 from yarl import URL
 
 from canary.contract import (
-    USER_AGENT, Check, PhaseTimer, Probe, ProbeSettings, Regex, Result, Scrubber, SyntheticHeader, marker_headers,
+    USER_AGENT, Check, PhaseTimer, Probe, ProbeSettings, Regex, RegexTimeout, Result, Scrubber, SyntheticHeader,
+    compile_regex, format_duration, marker_headers, search,
 )
 from probes.jsonpath import is_missing, lookup, parse_path
 from probes.transport import (
@@ -30,6 +31,8 @@ from probes.transport import (
 JsonScalar = str | int | float | bool | None
 _CHANNEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _MAX_CHANNELS = 32
+_DEFAULT_TIMEOUT = 10.0  # settings built outside a config file carry no timeout
+_CHECK_MARGIN = 0.25  # a body regex gives up this long before the run's timeout, so its own failure is reported
 
 
 class HttpSettings(ProbeSettings):
@@ -122,8 +125,8 @@ class HttpProbe(Probe[HttpSettings]):
         self._connector: _TimedConnector | None = None
         self._json_checks = [(path, parse_path(path), expected) for path, expected in settings.expect_json.items()]
         self._channel_map = parse_path(settings.channel_map) if settings.channel_map else None
-        self._body_regex = re.compile(settings.expect_body_regex) if settings.expect_body_regex else None
-        self._body_not_regex = re.compile(settings.expect_body_not_regex) if settings.expect_body_not_regex else None
+        self._body_regex = compile_regex(settings.expect_body_regex) if settings.expect_body_regex else None
+        self._body_not_regex = compile_regex(settings.expect_body_not_regex) if settings.expect_body_not_regex else None
         self._ssl: ssl.SSLContext = client_tls_context(settings.verify_tls, settings.ca_file)
         self._headers = {"User-Agent": USER_AGENT, **settings.headers}
         self._headers.update(marker_headers(settings.synthetic_header))
@@ -170,6 +173,7 @@ class HttpProbe(Probe[HttpSettings]):
         timer.begin("first_byte")
 
     async def run(self, timer: PhaseTimer) -> Result:
+        deadline = perf_counter() + (self.settings.timeout or _DEFAULT_TIMEOUT)
         session = self._ensure_session()
         recorder = _PhaseRecorder(timer=timer, connect_started=0.0, dns_seconds=0.0)
         self._connector.tcp_connected_at = 0.0  # type: ignore[union-attr]
@@ -183,7 +187,7 @@ class HttpProbe(Probe[HttpSettings]):
         status, reason_phrase, body, error = answer
         if error:
             return Result.fail("body", error)
-        return self._judge(status, reason_phrase, body)
+        return await self._judge(status, reason_phrase, body, deadline)
 
     async def _fetch(self, session: aiohttp.ClientSession, recorder: _PhaseRecorder) -> tuple[int, str, bytes, str]:
         settings = self.settings
@@ -199,7 +203,7 @@ class HttpProbe(Probe[HttpSettings]):
             recorder.timer.end("transfer")
             return response.status, response.reason or "", body, error
 
-    def _judge(self, status: int, reason_phrase: str, body: bytes) -> Result:
+    async def _judge(self, status: int, reason_phrase: str, body: bytes, deadline: float) -> Result:
         settings = self.settings
         summary = f"HTTP {status} {reason_phrase}".rstrip()
         checks: list[Check] = []
@@ -225,10 +229,17 @@ class HttpProbe(Probe[HttpSettings]):
                 channels = self._read_channels(document)
 
         text = body.decode("utf-8", "replace")
-        if self._body_regex is not None:
-            checks.append(Check(bool(self._body_regex.search(text)), f"[BODY] matches /{self._body_regex.pattern}/"))
-        if self._body_not_regex is not None:
-            checks.append(Check(not self._body_not_regex.search(text), f"[BODY] does not match /{self._body_not_regex.pattern}/"))
+        for pattern, wanted, verb in ((self._body_regex, True, "matches"), (self._body_not_regex, False, "does not match")):
+            if pattern is None:
+                continue
+            shown = f"[BODY] {verb} /{pattern.pattern}/"
+            try:  # in a worker thread when it takes long, so the loop stays free; given up before the run's timeout
+                found = await search(pattern, text, max(deadline - perf_counter() - _CHECK_MARGIN, 0.0))
+            except RegexTimeout as exc:  # undecided is not passed, either way round
+                checks.append(Check(False, f"{shown} (gave up after {format_duration(exc.seconds)}: the pattern "
+                                           f"backtracks too much on this {len(text)}-character body)"))
+                continue
+            checks.append(Check((found is not None) == wanted, shown))
 
         failed = [check.text for check in checks if not check.passed]
         down = sorted(name for name, up in channels.items() if not up)

@@ -301,8 +301,14 @@ class LlmProbe(Probe[LlmSettings]):
         return Result.fail("status", f"HTTP {answer.status} on {call}, expected 200{said}", gauges=gauges)
 
     def _rate_limited(self, answer: _Answer, call: str, said: str, gauges: tuple[Gauge, ...]) -> Result:
-        wait = parse_retry_after(answer.headers.get("retry-after"))
-        note = "; no retry-after given, so the next run calls again"
+        given = (answer.headers.get("retry-after") or "").strip()
+        wait = parse_retry_after(given)
+        if not given:
+            note = "; no retry-after given, so the next run calls again"
+        elif wait is None:
+            note = f"; retry-after {given[:40]!r} is neither seconds nor an HTTP date, so the next run calls again"
+        else:
+            note = "; the retry-after has passed already, so the next run calls again"
         if wait is not None and wait > 0:
             self._retry_at = monotonic() + wait
             self._retry_at_utc = datetime.now(timezone.utc) + timedelta(seconds=wait)

@@ -21,23 +21,10 @@ from pydantic import Field
 from cryptography import x509
 
 from canary.contract import Gauge, PhaseTimer, Probe, ProbeSettings, Result
-from probes.transport import CaFile, client_tls_context, close_writer, connect_error_result
+from probes.transport import CaFile, certificate_problem, client_tls_context, close_writer, connect_error_result
 
 _INSPECT_TIMEOUT = 3.0
 _DAY = 86400.0
-# OpenSSL verify codes (X509_V_ERR_*) that name the problem better than "verify failed".
-_VERIFY_PROBLEMS = {
-    9: "not yet valid",
-    10: "expired",
-    18: "self-signed (untrusted)",
-    19: "untrusted (self-signed certificate in the chain)",
-    20: "untrusted (issuer not in the trusted CAs)",
-    21: "untrusted (issuer not in the trusted CAs)",
-    62: "issued for another host name",
-    64: "issued for another IP address",
-}
-
-
 class TlsSettings(ProbeSettings):
     type: Literal["tls"] = "tls"
     host: str = Field(min_length=1, max_length=253)
@@ -104,8 +91,7 @@ class TlsProbe(Probe[TlsSettings]):
         return Result.ok(f"{summary} ({days:.0f} days left)", gauges=tuple(gauges))
 
     async def _verify_failed(self, exc: ssl.SSLCertVerificationError) -> Result:
-        problem = _VERIFY_PROBLEMS.get(exc.verify_code, "not trusted")
-        message = f"certificate of {self._where()} not accepted: {problem} ({exc.verify_message or exc.reason})"
+        message = f"certificate of {self._where()} not accepted: {certificate_problem(exc)}"
         not_after = await self._inspect_unverified()
         if not_after is None:
             return Result.fail("tls", message)

@@ -102,6 +102,27 @@ def _cached_context(verify: bool, ca_file: str | None, changed: int) -> ssl.SSLC
     return context
 
 
+# OpenSSL verify codes (X509_V_ERR_*) that name the problem better than "verify failed".
+_VERIFY_PROBLEMS = {
+    9: "not yet valid",
+    10: "expired",
+    18: "self-signed (untrusted)",
+    19: "untrusted (self-signed certificate in the chain)",
+    20: "untrusted (issuer not in the trusted CAs)",
+    21: "untrusted (issuer not in the trusted CAs)",
+    62: "issued for another host name",
+    64: "issued for another IP address",
+}
+
+
+def certificate_problem(exc: BaseException) -> str:
+    """What is wrong with a refused certificate, in the same words for every probe ("expired", "self-signed",
+    "issued for another host name"), followed by OpenSSL's own text."""
+    problem = _VERIFY_PROBLEMS.get(getattr(exc, "verify_code", None), "not trusted")  # type: ignore[arg-type]
+    detail = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc)
+    return f"{problem} ({detail})"
+
+
 def _loadable_ca_file(path: str) -> str:
     try:
         client_tls_context(True, path)
@@ -220,7 +241,7 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int) -> tuple[by
 def client_error_result(exc: aiohttp.ClientError) -> Result:
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return Result.fail("tls", f"certificate not accepted: {exc.certificate_error}")
+        return Result.fail("tls", f"certificate not accepted: {certificate_problem(exc.certificate_error)}")
     if isinstance(exc, (aiohttp.ClientConnectorSSLError, aiohttp.ClientSSLError)):
         return Result.fail("tls", f"TLS handshake failed: {detail}")
     dns_error = getattr(aiohttp, "ClientConnectorDNSError", None)
@@ -258,7 +279,7 @@ async def close_writer(writer: asyncio.StreamWriter) -> None:
 def connect_error_result(exc: OSError, host: str, port: int) -> Result:
     """Maps a failed connect (plain or TLS) onto the shared reasons."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return Result.fail("tls", f"certificate of {host}:{port} not accepted: {exc.verify_message or exc}")
+        return Result.fail("tls", f"certificate of {host}:{port} not accepted: {certificate_problem(exc)}")
     if isinstance(exc, ssl.SSLError):
         return Result.fail("tls", f"TLS handshake with {host}:{port} failed: {exc.reason or exc}")
     if isinstance(exc, socket.gaierror):
