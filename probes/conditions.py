@@ -12,8 +12,9 @@ from typing import Any
 
 import regex
 
-from canary.contract import Check, RegexTimeout, compile_regex, format_duration, search_now
+from canary.contract import Check, format_duration
 from probes.jsonpath import is_missing, lookup, parse_path
+from probes.patterns import RegexTimeout, compile_regex, search_now
 
 _CONDITION = re.compile(
     r"^\s*(?P<path>\S+)\s+(?P<op>==|!=|<=|>=|<|>|not contains|contains|matches|in|not exists|exists)\s*(?P<value>.*?)\s*$"

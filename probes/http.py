@@ -19,10 +19,11 @@ from pydantic import Field, field_validator, model_validator
 from yarl import URL
 
 from canary.contract import (
-    USER_AGENT, Check, PhaseTimer, Probe, ProbeSettings, Regex, RegexTimeout, Result, Scrubber, SyntheticHeader,
-    compile_regex, format_duration, marker_headers, search,
+    USER_AGENT, Check, PhaseTimer, Probe, ProbeSettings, Regex, Result, Scrubber, SyntheticHeader, format_duration,
+    marker_headers,
 )
 from probes.jsonpath import is_missing, lookup, parse_path
+from probes.patterns import RegexTimeout, compile_regex, search
 from probes.transport import (
     CaFile, ExpectedStatuses, HttpUrl, RedirectRefused, client_error_result, client_tls_context, read_limited,
     request_following_redirects, secret_headers, status_matches,

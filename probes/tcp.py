@@ -13,9 +13,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from canary.contract import (
-    Check, PhaseTimer, Probe, ProbeSettings, Regex, RegexTimeout, Result, compile_regex, format_duration, search,
-)
+from canary.contract import Check, PhaseTimer, Probe, ProbeSettings, Regex, Result, format_duration
+from probes.patterns import RegexTimeout, compile_regex, search
 from probes.transport import CaFile, client_tls_context, close_writer, connect_error_result
 
 _READ_CHUNK = 4096
