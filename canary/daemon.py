@@ -72,6 +72,11 @@ class Daemon:
     async def serve(self) -> int:
         """Run until SIGTERM/SIGINT; the exit code: 0 stopped, 1 cannot listen, 2 a probe could not be built."""
         scheduler = Scheduler(self.store, self._build_probe, self.metrics)
+        # Handlers first: a SIGHUP's default action would kill a daemon still starting, and a SIGTERM then is a stop.
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background, scheduler)
+        for stop_signal in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(stop_signal, self._on_stop_signal, scheduler)
         try:
             await self._apply(self.config, scheduler)
         except ProbeBuildError as exc:
@@ -92,10 +97,6 @@ class Daemon:
             await runner.cleanup()
             return 1
 
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background, scheduler)
-        for stop_signal in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(stop_signal, self._on_stop_signal, scheduler)
         self._ready = True
         log.info(
             "channel-canary serving on %s://%s (%d probes from %s)", self.web.scheme, self._listen, len(self.config.probes), self.config.path
