@@ -391,6 +391,11 @@ class ProbeSettings(BaseModel):
         """Every secret this probe's settings hold, so they can be scrubbed from all output."""
         return _walk_secrets(self)
 
+    def cleanup_bound(self) -> float:
+        """How long a run may go on after it was cancelled, to clean up what it created (0: it stops at once).
+        A stop waits this long, on top of its own bound, before it gives up on the run."""
+        return 0.0
+
     def safe_target(self) -> str:
         """`target()` with every secret of these settings masked: what every page and listing shows."""
         return Scrubber(self.secret_values())(self.target())

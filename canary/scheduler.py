@@ -154,7 +154,7 @@ class Scheduler:
             try:
                 built.append((settings, self._build_probe(settings)))
             except Exception as exc:  # noqa: BLE001 - any failure to build leaves the running set untouched
-                await asyncio.gather(*(self._close(probe, name.name) for name, probe in built))
+                await asyncio.gather(*(self._close(probe, built_settings) for built_settings, probe in built))
                 raise ProbeBuildError(settings.name, scrub(f"{type(exc).__name__}: {exc}")) from None
         return built
 
@@ -236,7 +236,9 @@ class Scheduler:
             for task in busy:
                 task.cancel()
         if busy:
-            _, stuck = await asyncio.wait(busy, timeout=self._stop_timeout)
+            # A run cancelled while it cleans up finishes the cleanup first (bounded by its own cleanup timeout).
+            cleanup = max(item.settings.cleanup_bound() for item in running if item.task in busy)
+            _, stuck = await asyncio.wait(busy, timeout=self._stop_timeout + cleanup)
             for item in running:
                 item.abandoned = item.task in stuck
             for task in stuck:
@@ -247,11 +249,12 @@ class Scheduler:
         for item in running:
             if item.task.done() and not item.task.cancelled() and item.task.exception() is not None:
                 log.error("%s ended with %s", item.task.get_name(), self._scrub(repr(item.task.exception())))
-        await asyncio.gather(*(self._close(item.probe, item.settings.name) for item in running))
+        await asyncio.gather(*(self._close(item.probe, item.settings) for item in running))
 
-    async def _close(self, probe: Probe, name: str) -> None:
+    async def _close(self, probe: Probe, settings: ProbeSettings) -> None:
+        name = settings.name
         try:
-            async with asyncio.timeout(self._stop_timeout):
+            async with asyncio.timeout(self._stop_timeout + settings.cleanup_bound()):  # close() awaits cleanups
                 await probe.close()
         except Exception as exc:  # noqa: BLE001 - closing one probe must not stop the others closing
             log.warning("probe %s did not close cleanly: %s", name, self._scrub(f"{type(exc).__name__}: {exc}"))

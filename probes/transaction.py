@@ -140,6 +140,9 @@ class TransactionSettings(ProbeSettings):
         """The one origin a run keeps cookies for: base_url's, or the first step's when every URL is absolute."""
         return self.base_url or _VARIABLE.sub("x", self.steps[0].url)
 
+    def cleanup_bound(self) -> float:
+        return self.cleanup_timeout if self.cleanup else 0.0
+
     def target(self) -> str:
         first = self.steps[0]
         return f"{len(self.steps)} steps from {first.method} {url_for_humans(self.base_url + first.url)}"

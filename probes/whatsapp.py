@@ -132,6 +132,9 @@ class WhatsAppSettings(ProbeSettings):
         own = urlsplit(self.url)
         return self.public_url.rstrip("/") + own.path + (f"?{own.query}" if own.query else "")
 
+    def cleanup_bound(self) -> float:
+        return self.cleanup_timeout if self.cleanup is not None else 0.0
+
     def target(self) -> str:
         return f"POST {self.url.for_humans()}"  # type: ignore[attr-defined]
 

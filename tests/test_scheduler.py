@@ -17,8 +17,11 @@ from tests.conftest import wait_until
 
 class BehaviourSettings(ProbeSettings):
     type: Literal["behaviour"] = "behaviour"
-    behaviour: Literal["ok", "hang", "raise", "garbage", "slow", "unbuildable", "stubborn"] = "ok"
+    behaviour: Literal["ok", "hang", "raise", "garbage", "slow", "unbuildable", "stubborn", "cleans_up"] = "ok"
     sleep: float = 0.0
+
+    def cleanup_bound(self) -> float:
+        return 2.0 if self.behaviour == "cleans_up" else 0.0
 
 
 class BehaviourProbe(Probe[BehaviourSettings]):
@@ -50,6 +53,13 @@ class BehaviourProbe(Probe[BehaviourSettings]):
                     except asyncio.CancelledError:
                         self.events.append((name, "ignored a cancel"))
                 return Result.ok("stubborn run done")
+            if behaviour == "cleans_up":  # like a transaction: cancelled mid-run, it deletes its ticket first
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:
+                    await asyncio.shield(asyncio.sleep(1.0))
+                    self.events.append((name, "cleaned up"))
+                    raise
             if behaviour == "raise":
                 raise RuntimeError("probe bug with password=hunter2")
             if behaviour == "garbage":
@@ -242,3 +252,13 @@ async def test_a_reload_is_bounded_even_when_a_probe_ignores_its_cancellation() 
         assert store.get("stubborn").latest is None  # ...and its stale result was not recorded
     finally:
         await scheduler.stop(grace=0)
+
+
+async def test_a_stop_waits_for_a_cancelled_runs_cleanup_within_its_cleanup_bound() -> None:
+    # The stop's own bound is 0.5 s; the run needs 1 s to clean up after its cancel, within its 2 s cleanup bound.
+    scheduler, _, _ = await start([settings("form", "cleans_up", interval=10.0, timeout=8.0)], jitter=0.001, stop_timeout=0.5)
+    await wait_until(lambda: scheduler._running["form"].in_run, timeout=3)
+    task = scheduler._running["form"].task
+    await scheduler.stop(grace=0)
+    assert ("form", "cleaned up") in BehaviourProbe.events
+    assert task.cancelled() and not scheduler._abandoned
