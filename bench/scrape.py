@@ -123,9 +123,9 @@ def _generate_latest_comparison(count: int) -> None:
                     family = gauge_families.setdefault(family_name, kind(family_name, gauge.help))
                     family.add_sample(gauge.family, {**base, **dict(gauge.labels)}, gauge.value)
             yield from gauge_families.values()
-            channels = GaugeMetricFamily("canary_channel_up", "channel up", labels=["environment", "channel"])
-            for channel, up in sorted(store.channel_states().items()):
-                channels.add_metric([STATIC_LABELS["environment"], channel], 1.0 if up else 0.0)
+            channels = GaugeMetricFamily("canary_channel_up", "channel up", labels=["environment", "channel", "importance"])
+            for channel, state in sorted(store.channels().items()):
+                channels.add_metric([STATIC_LABELS["environment"], channel, state.importance], 1.0 if state.up else 0.0)
             yield channels
 
     registry = CollectorRegistry(auto_describe=False)

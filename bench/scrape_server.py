@@ -145,7 +145,7 @@ async def serve(port: int, count: int) -> None:
         times, size = [], 0
         for _ in range(reps):
             started = time.perf_counter()
-            body = exposition.exposition(store.records(), store.channel_states(), prefix=metrics.exposition())
+            body = exposition.exposition(store.records(), store.channels(), prefix=metrics.exposition())
             times.append(time.perf_counter() - started)
             size = len(body)
             del body

@@ -283,7 +283,7 @@ def parse_host_port(text: str) -> tuple[str, int]:
 
 # Label names the exporter sets itself; a user's static label may not take them.
 RESERVED_LABELS = frozenset(
-    {"probe", "channel", "type", "severity", "phase", "result", "reason", "le", "quantile", "job", "instance"}
+    {"probe", "channel", "type", "importance", "severity", "phase", "result", "reason", "le", "quantile", "job", "instance"}
 )
 
 

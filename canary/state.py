@@ -53,6 +53,16 @@ class ProbeRecord:
         return [HistoryEntry(*entry) for entry in self._history]
 
 
+@dataclass(frozen=True, slots=True)
+class ChannelState:
+    """One channel: `up` from the probes and the platform together; `platform_up` what the platform itself reports
+    (None when no probe reads its report), so a rule can tell a failing probe from the platform's own word."""
+
+    up: bool
+    importance: str  # "critical" when any probe speaking for the channel is critical, else "warning"
+    platform_up: bool | None = None
+
+
 Listener = Callable[[ProbeRecord], None]
 
 
@@ -111,17 +121,31 @@ class ResultStore:
         return list(self._records.values())
 
     def channel_states(self) -> dict[str, bool]:
-        """Channel → up: every probe of the channel passed its last run and no probe saw the platform report it down.
+        """Channel → up (see `channels`)."""
+        return {name: state.up for name, state in self.channels().items()}
 
-        A channel whose probes have not run yet is left out rather than guessed.
-        """
-        states: dict[str, bool] = {}
+    def channels(self) -> dict[str, ChannelState]:
+        """Every channel a probe belongs to or saw the platform report on, with its state.
+
+        A channel is up when every probe of it passed its last run and no probe saw the platform report it down; it is
+        critical when any probe that speaks for it is. A channel whose probes have not run yet is left out rather than
+        guessed."""
+        up: dict[str, bool] = {}
+        critical: dict[str, bool] = {}
+        platform: dict[str, bool] = {}
         for record in self._records.values():
             result = record.latest
             if result is None:
                 continue
-            channel = record.settings.channel
-            states[channel] = states.get(channel, True) and result.success
-            for reported, up in result.channels.items():
-                states[reported] = states.get(reported, True) and up
-        return states
+            is_critical = record.settings.severity == "critical"
+            own = record.settings.channel
+            up[own] = up.get(own, True) and result.success
+            critical[own] = critical.get(own, False) or is_critical
+            for reported, reported_up in result.channels.items():
+                up[reported] = up.get(reported, True) and reported_up
+                critical[reported] = critical.get(reported, False) or is_critical
+                platform[reported] = platform.get(reported, True) and reported_up
+        return {
+            name: ChannelState(up[name], "critical" if critical[name] else "warning", platform.get(name))
+            for name in up
+        }

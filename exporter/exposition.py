@@ -8,11 +8,11 @@ Series exist only for probes in the store, so a probe removed by a reload disapp
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from prometheus_client.utils import floatToGoString
 
-from canary.state import ProbeRecord
+from canary.state import ChannelState, ProbeRecord
 
 # (name as exposed, TYPE, HELP); samples of a family must be contiguous, so the scrape walks this order.
 CORE_FAMILIES: tuple[tuple[str, str, str], ...] = (
@@ -28,6 +28,7 @@ CORE_FAMILIES: tuple[tuple[str, str, str], ...] = (
     ("canary_probe_latency_seconds", "histogram", "Distribution of the probe's run durations."),
 )
 _CORE_NAMES = frozenset(name for name, _, _ in CORE_FAMILIES)
+_PLATFORM_HELP = "Whether the platform itself reports the channel up (its health endpoint's channel map)."
 _CHANNEL_HELP = (
     "Whether every probe of the channel passed its last run and no probe saw the platform report it down."
 )
@@ -54,11 +55,31 @@ class ProbeExposition:
         self._le = [floatToGoString(b) for b in buckets] + ["+Inf"]
         self._cache.clear()
 
+    def _channel_families(self, channels: Mapping[str, ChannelState]) -> list[bytes]:
+        static = label_text(sorted(self._static.items()))
+        label_prefix = f"{static}," if static else ""
+        lines: list[str] = []
+        if channels:
+            lines.append(f"# HELP canary_channel_up {_CHANNEL_HELP}\n# TYPE canary_channel_up gauge\n")
+            lines += [
+                f'canary_channel_up{{{label_prefix}channel="{escape_label_value(name)}",importance="{state.importance}"}} '
+                f"{1 if state.up else 0}\n"
+                for name, state in sorted(channels.items())
+            ]
+        reported = sorted((name, state.platform_up) for name, state in channels.items() if state.platform_up is not None)
+        if reported:
+            lines.append(f"# HELP canary_platform_channel_up {_PLATFORM_HELP}\n# TYPE canary_platform_channel_up gauge\n")
+            lines += [
+                f'canary_platform_channel_up{{{label_prefix}channel="{escape_label_value(name)}"}} {1 if up else 0}\n'
+                for name, up in reported
+            ]
+        return [line.encode() for line in lines]
+
     def render(self, record: ProbeRecord) -> None:
         settings = record.settings
         labels = {**self._static, **settings.labels, "probe": settings.name, "channel": settings.channel, "type": settings.type}
         if settings.severity != "critical":  # only the exception is labelled, so most series stay short
-            labels["severity"] = settings.severity
+            labels["importance"] = settings.severity  # not `severity`: alert rules set and route on that one
         base = label_text(sorted(labels.items()))
         out: dict[str, str] = {
             "canary_probe_interval_seconds": f"canary_probe_interval_seconds{{{base}}} {floatToGoString(settings.interval or 0)}\n",
@@ -105,8 +126,8 @@ class ProbeExposition:
         # Stored encoded: a scrape then joins bytes once, with no str building or encoding of 30 MB.
         self._cache[settings.name] = (record, record.version, {name: text.encode() for name, text in out.items()})
 
-    def exposition(self, records: list[ProbeRecord], channel_states: dict[str, bool], prefix: bytes = b"") -> bytes:
-        """`prefix` (the daemon's own metrics), then every probe family and `canary_channel_up`, as one body."""
+    def exposition(self, records: list[ProbeRecord], channels: Mapping[str, ChannelState], prefix: bytes = b"") -> bytes:
+        """`prefix` (the daemon's own metrics), then the channel families and every probe family, as one body."""
         fragments: list[dict[str, bytes]] = []
         fresh: dict[str, tuple[ProbeRecord, int, dict[str, bytes]]] = {}
         for record in records:
@@ -119,15 +140,7 @@ class ProbeExposition:
             fragments.append(cached[2])
         self._cache = fresh  # drops probes removed by a reload
 
-        parts: list[bytes] = [prefix]
-        if channel_states:
-            static = label_text(sorted(self._static.items()))
-            label_prefix = f"{static}," if static else ""
-            parts.append(f"# HELP canary_channel_up {_CHANNEL_HELP}\n# TYPE canary_channel_up gauge\n".encode())
-            parts.extend(
-                f'canary_channel_up{{{label_prefix}channel="{escape_label_value(channel)}"}} {1 if up else 0}\n'.encode()
-                for channel, up in sorted(channel_states.items())
-            )
+        parts: list[bytes] = [prefix, *self._channel_families(channels)]
         extra_families = sorted({family for out in fragments for family in out} - _CORE_NAMES)
         families = [*CORE_FAMILIES, *((name, *self._figure_meta.get(name, ("gauge", ""))) for name in extra_families)]
         for name, kind, help_text in families:

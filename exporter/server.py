@@ -44,7 +44,7 @@ def build_exporter_app(sources: ExporterSources) -> web.Application:
 async def _metrics(request: web.Request) -> web.Response:
     sources = request.app[SOURCES]
     body = sources.probe_exposition.exposition(
-        sources.store.records(), sources.store.channel_states(), prefix=sources.daemon_metrics.exposition()
+        sources.store.records(), sources.store.channels(), prefix=sources.daemon_metrics.exposition()
     )
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 

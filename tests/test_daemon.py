@@ -89,7 +89,7 @@ def test_serves_results_health_and_status_page(daemon: tuple[Process, str, Path]
     values = metric_values(base)
     assert probe_value(values, "canary_probe_success", "api-health") == 1
     assert probe_value(values, "canary_probe_success", "database") == 0
-    assert values[("canary_channel_up", frozenset({("channel", "whatsapp"), ("environment", "test")}))] == 1
+    assert values[("canary_channel_up", frozenset({("channel", "whatsapp"), ("environment", "test"), ("importance", "critical")}))] == 1
     assert values[("canary_config_last_reload_successful", frozenset())] == 1
     assert http_get(f"{base}/healthz")[0] == 200
     assert http_get(f"{base}/readyz")[0] == 200
@@ -99,10 +99,11 @@ def test_serves_results_health_and_status_page(daemon: tuple[Process, str, Path]
         f"{sandbox_process}/_sandbox/faults", data=json.dumps({"channels": {"whatsapp": "inactive"}}).encode(), method="POST"
     )
     urllib.request.urlopen(request, timeout=5).close()
-    whatsapp = frozenset({("channel", "whatsapp"), ("environment", "test")})
-    email = frozenset({("channel", "email"), ("environment", "test")})
+    whatsapp = frozenset({("channel", "whatsapp"), ("environment", "test"), ("importance", "critical")})
+    email = frozenset({("channel", "email"), ("environment", "test"), ("importance", "critical")})
     wait_for(lambda: metric_values(base).get(("canary_channel_up", whatsapp)) == 0)
     assert metric_values(base)[("canary_channel_up", email)] == 1
+    assert metric_values(base)[("canary_platform_channel_up", frozenset({("channel", "whatsapp"), ("environment", "test")}))] == 0
 
     status, page = http_get(f"{base}/")
     assert status == 200 and "api-health" in page and "database" in page

@@ -51,7 +51,7 @@ def build(probes: list[PlainSettings], static: dict[str, str] | None = None) -> 
 
 
 def text_of(store: ResultStore, exposition: ProbeExposition) -> str:
-    return exposition.exposition(store.records(), store.channel_states()).decode()
+    return exposition.exposition(store.records(), store.channels()).decode()
 
 
 def test_series_for_passing_and_failing_probes() -> None:
@@ -83,8 +83,8 @@ def test_series_for_passing_and_failing_probes() -> None:
     assert value(parsed, "canary_probe_latency_seconds_bucket", le="+Inf", **form) == 2
     assert value(parsed, "canary_probe_latency_seconds_count", **form) == 2
     assert value(parsed, "canary_probe_latency_seconds_sum", **form) == pytest.approx(2.3)
-    assert value(parsed, "canary_channel_up", channel="web_form", environment="prod") == 0
-    assert value(parsed, "canary_channel_up", channel="database", environment="prod") == 1
+    assert value(parsed, "canary_channel_up", channel="web_form", environment="prod", importance="critical") == 0
+    assert value(parsed, "canary_channel_up", channel="database", environment="prod", importance="critical") == 1
 
 
 def test_a_counter_figure_is_exported_typed_as_a_counter_with_total() -> None:
@@ -126,13 +126,27 @@ def test_phases_of_the_last_run_are_exported() -> None:
     assert value(parsed, "canary_probe_phase_duration_seconds", phase="tls", **labels) == 0.02
 
 
-def test_reported_channels_feed_channel_up() -> None:
+def test_reported_channels_feed_channel_up_and_the_platforms_own_series() -> None:
     store, exposition = build([plain("health", channel="api")])
     store.record("health", Result.ok(channels={"email": True, "whatsapp": False}), 1.0)
     parsed = samples(text_of(store, exposition))
-    assert value(parsed, "canary_channel_up", channel="api") == 1
-    assert value(parsed, "canary_channel_up", channel="email") == 1
-    assert value(parsed, "canary_channel_up", channel="whatsapp") == 0
+    assert value(parsed, "canary_channel_up", channel="api", importance="critical") == 1
+    assert value(parsed, "canary_channel_up", channel="email", importance="critical") == 1
+    assert value(parsed, "canary_channel_up", channel="whatsapp", importance="critical") == 0
+    # What the platform itself says, apart: every probe passed, and yet WhatsApp is down by the platform's word.
+    assert value(parsed, "canary_platform_channel_up", channel="whatsapp") == 0
+    assert value(parsed, "canary_platform_channel_up", channel="email") == 1
+    assert ("canary_platform_channel_up", frozenset({("channel", "api")})) not in parsed  # nobody reports on api
+
+
+def test_a_channel_only_warning_probes_speak_for_is_a_warning_channel() -> None:
+    queue = PlainSettings(name="queue", channel="kafka", interval="30s", timeout="5s", severity="warning")
+    store, exposition = build([plain("form"), queue])
+    store.record("form", Result.ok(), 1.0)
+    store.record("queue", Result.fail("connect", "refused"), 1.0)
+    parsed = samples(text_of(store, exposition))
+    assert value(parsed, "canary_channel_up", channel="kafka", importance="warning") == 0
+    assert value(parsed, "canary_channel_up", channel="web_form", importance="critical") == 1
 
 
 def test_a_probe_that_never_ran_has_no_success_series_and_no_channel_state() -> None:
@@ -224,7 +238,7 @@ async def test_http_endpoints() -> None:
         await runner.cleanup()
 
 
-def test_only_warning_severity_probes_carry_a_severity_label() -> None:
+def test_only_warning_probes_carry_an_importance_label_and_none_carries_severity() -> None:
     critical = plain("form")
     warning = PlainSettings(name="queue", channel="kafka", interval="30s", timeout="5s", severity="warning")
     store, exposition = build([critical, warning])
@@ -232,7 +246,8 @@ def test_only_warning_severity_probes_carry_a_severity_label() -> None:
     store.record("queue", Result.fail("connect", "refused"), 1.0)
     parsed = samples(text_of(store, exposition))
     assert value(parsed, "canary_probe_success", probe="form", channel="web_form", type="plain") == 1
-    assert value(parsed, "canary_probe_success", probe="queue", channel="kafka", type="plain", severity="warning") == 0
+    assert value(parsed, "canary_probe_success", probe="queue", channel="kafka", type="plain", importance="warning") == 0
+    assert not any(("severity", "warning") in labels for _, labels in parsed)  # alert rules own `severity`
 
 
 def test_history_is_kept_in_a_form_the_garbage_collector_stops_tracking() -> None:

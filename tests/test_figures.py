@@ -113,7 +113,7 @@ def test_a_scrape_with_every_figure_of_every_type_and_static_labels_is_promtool_
         store.record(probe.name, Result.fail("status", "HTTP 503", phases={"connect": 0.01}, gauges=gauges), 1.7e9)
         store.record(probe.name, Result.ok("fine", phases={"connect": 0.01}, gauges=gauges, channels={"email": True}), 1.7e9)
     assert figures >= 20  # the scan found the figures, not nothing
-    body = exposition.exposition(store.records(), store.channel_states(), prefix=DaemonMetrics().exposition())
+    body = exposition.exposition(store.records(), store.channels(), prefix=DaemonMetrics().exposition())
     checked = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30)
     assert checked.returncode == 0, checked.stdout.decode() + checked.stderr.decode()
     text = body.decode()

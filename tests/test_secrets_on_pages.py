@@ -78,7 +78,7 @@ def test_no_page_listing_or_scrape_shows_a_url_secret(config_path: Path, capsys:
     pages = [
         render_status_page(store.records(), store.channel_states()),
         json.dumps(status_json(store.records(), store.channel_states())),
-        exposition.exposition(store.records(), store.channel_states()).decode(),
+        exposition.exposition(store.records(), store.channels()).decode(),
     ]
     assert main(["list", "--config", str(config_path)]) == 0
     pages.append(capsys.readouterr().out)
