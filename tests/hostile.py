@@ -317,12 +317,15 @@ class Neighbour:
         await self._probe.close()
 
     def assert_on_time(self, min_runs: int = 2) -> None:
-        """The neighbour ran at least `min_runs` times, every run passed, and none started later than half an interval."""
+        """The neighbour ran at least `min_runs` times, every run passed, and none started a whole interval late.
+
+        A stall a hostile target causes lasts as long as its timeout (seconds); a loaded 2-core CI machine alone can
+        delay a start by ~0.3 s, so the bound is the interval, not a fraction of it."""
         assert len(self.results) >= min_runs, f"the neighbour ran only {len(self.results)} times"
         failed = [r.message for r in self.results if not r.success]
         assert not failed, failed
         worst = max(self.lateness)
-        assert worst < self.interval / 2, f"the neighbour started {worst:.3f}s late (interval {self.interval}s)"
+        assert worst < self.interval, f"the neighbour started {worst:.3f}s late (interval {self.interval}s)"
 
 
 # --- an OpenAI-compatible provider that misbehaves on request ----------------------------------------------------------

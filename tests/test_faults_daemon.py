@@ -346,10 +346,11 @@ interval = "{interval}"
     values = samples(text)
     assert values[("canary_config_last_reload_successful", frozenset())] == 1
     assert http_get(f"{daemon.base}/healthz")[0] == 200
-    # No run started later than a fair fraction of its 0.5 s interval through all the reloads and scrapes.
+    # No run started a whole 0.5 s interval late through all the reloads and scrapes (a loaded 2-core CI machine
+    # alone can delay a start by ~0.3 s; a scrape or reload that held the loop would show as seconds).
     buckets = {dict(labels)["le"]: value for (name, labels), value in values.items()
                if name == "canary_scheduler_lateness_seconds_bucket"}
-    assert buckets["0.25"] == buckets["+Inf"], buckets
+    assert buckets["0.5"] == buckets["+Inf"], buckets
 
 
 # --- a scrape never triggers a probe -------------------------------------------------------------------------------
