@@ -449,6 +449,7 @@ def test_statefulset_runs_one_shard_per_replica() -> None:
     args = container()["args"]
     assert args[args.index("--shard") + 1] == "auto"
     assert env_of(container())["CANARY_SHARDS"] == str(replicas)
+    assert container()["env"][0]["name"] == "CANARY_SHARDS"  # README's scaling patch replaces env/0
     # `auto` reads the ordinal from the pod's host name, which a StatefulSet sets to <name>-<ordinal>.
     assert "hostname" not in pod_spec() and "subdomain" not in pod_spec()
     assert statefulset["spec"]["serviceName"] == one("Service")["metadata"]["name"]
