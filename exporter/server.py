@@ -8,6 +8,7 @@ from typing import Callable
 from aiohttp import web
 
 from canary.state import ResultStore
+from canary.uptime import UptimeBook
 from exporter.exposition import ProbeExposition
 from exporter.self_metrics import DaemonMetrics
 from exporter.status_page import render_status_page, status_json
@@ -23,6 +24,7 @@ class ExporterSources:
     probe_exposition: ProbeExposition
     daemon_metrics: DaemonMetrics
     is_ready: Callable[[], bool]
+    uptime: UptimeBook | None = None  # hourly buckets for the status page's uptime figures; None shows none
 
 
 SOURCES = web.AppKey("sources", ExporterSources)

@@ -1,5 +1,5 @@
 """The uptime book: hourly buckets, the 1 h / 24 h / 7 d figures from fabricated timestamps, the saved file (round
-trip, atomic replace, bad files ignored)."""
+trip, atomic replace, bad files ignored), and the daemon keeping it across a restart."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from canary.contract import ProbeSettings, Result
 from canary.state import ResultStore
 from canary.uptime import BUCKETS, FILE_NAME, FORMAT, HOUR, Availability, UptimeBook
+from tests.conftest import Process, ROOT, free_port, http_get, probe_command, wait_for, wait_for_port, write_config
 
 # An hour boundary (2027-01-15 08:00 UTC), so the fabricated runs land in known buckets.
 T0 = 1_800_000_000 - 1_800_000_000 % 3600
@@ -242,3 +243,81 @@ async def test_save_every_writes_in_the_background_only_when_something_changed(t
     finally:
         saver.cancel()
         await asyncio.gather(saver, return_exceptions=True)
+
+
+# --- the daemon keeps it across a restart ------------------------------------------------------------------------
+
+
+def _daemon_config(tmp_path: Path, platform: str, probes: tuple[str, ...] = ("api-health", "api-ping")) -> Path:
+    body = """
+        [daemon]
+        interval = "1s"
+        timeout = "900ms"
+        jitter = "100ms"
+        shutdown_grace = "1s"
+    """
+    for name in probes:
+        body += f"""
+        [[probes]]
+        name = "{name}"
+        type = "http"
+        channel = "api"
+        url = "{platform}/health"
+        """
+    return write_config(tmp_path, body)
+
+
+def _uptime_runs(base: str) -> dict[str, int]:
+    status, body = http_get(f"{base}/status.json")
+    assert status == 200
+    return {probe["name"]: probe["uptime"]["7d"]["runs"] for probe in json.loads(body)["probes"]}
+
+
+def _start(config: Path, state_dir: Path) -> tuple[Process, str]:
+    port = free_port()
+    process = Process(probe_command("run", "--config", str(config), "--listen", f"127.0.0.1:{port}",
+                                    "--state.dir", str(state_dir)), cwd=ROOT)
+    wait_for_port(port, process)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def test_the_daemon_keeps_uptime_across_a_restart_and_drops_removed_probes(tmp_path: Path, sandbox_process: str) -> None:
+    state_dir = tmp_path / "state"
+    config = _daemon_config(tmp_path, sandbox_process)
+    process, base = _start(config, state_dir)
+    try:
+        wait_for(lambda: min(_uptime_runs(base).values()) >= 2, timeout=15, what="two runs of each probe")
+    finally:
+        assert process.stop() == 0
+    saved = json.loads((state_dir / FILE_NAME).read_text())  # written on shutdown, well before the first minute
+    assert sorted(saved["probes"]) == ["api-health", "api-ping"]
+
+    # Restarted without api-ping: api-health's runs carry on from the file, api-ping's are dropped.
+    config = _daemon_config(tmp_path, sandbox_process, probes=("api-health",))
+    process, base = _start(config, state_dir)
+    try:
+        wait_for(lambda: _uptime_runs(base).get("api-health", 0) > 0, timeout=15, what="a run after the restart")
+        saved_runs = _saved_runs(state_dir / FILE_NAME, "api-health")
+        assert _uptime_runs(base)["api-health"] > saved_runs
+        assert "loaded the uptime history of 2 probes" in process.output()
+    finally:
+        assert process.stop() == 0
+    assert sorted(json.loads((state_dir / FILE_NAME).read_text())["probes"]) == ["api-health"]
+
+
+def _saved_runs(path: Path, name: str) -> int:
+    raw = base64.b64decode(json.loads(path.read_text())["probes"][name]["runs"])
+    return sum(array("I", raw))
+
+
+def test_the_daemon_starts_on_a_corrupt_file_and_replaces_it(tmp_path: Path, sandbox_process: str) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / FILE_NAME).write_text('{"format": "channel-canary/uptime", "version": 1, "bucket_seconds": 3600, "probes": {"api-health": 7}}')
+    process, base = _start(_daemon_config(tmp_path, sandbox_process), state_dir)
+    try:
+        wait_for(lambda: min(_uptime_runs(base).values()) >= 1, timeout=15, what="a run of each probe")
+    finally:
+        assert process.stop() == 0
+    assert "ignoring the uptime history" in process.log_path.read_text()  # a warning, not a failed start
+    assert sorted(json.loads((state_dir / FILE_NAME).read_text())["probes"]) == ["api-health", "api-ping"]
