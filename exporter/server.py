@@ -62,12 +62,15 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _status_json(request: web.Request) -> web.Response:
-    store = request.app[SOURCES].store
-    return web.json_response(status_json(store.records(), store.channel_states()))
+    sources = request.app[SOURCES]
+    store = sources.store
+    return web.json_response(status_json(store.records(), store.channels(), sources.uptime))
 
 
 async def _status_page(request: web.Request) -> web.Response:
-    store = request.app[SOURCES].store
+    sources = request.app[SOURCES]
+    store = sources.store
     return web.Response(
-        text=render_status_page(store.records(), store.channel_states()), content_type="text/html"
+        text=render_status_page(store.records(), store.channels(), sources.uptime), content_type="text/html",
+        headers={"Cache-Control": "no-store"},
     )
