@@ -183,6 +183,8 @@ def readable_age(seconds: float) -> str:
 
 def readable_duration(seconds: float) -> str:
     """"240 ms", "1.3 s", "14 s", "2.5 min": three significant digits at most."""
+    if seconds < 0.0005:
+        return "<1 ms"
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
     if seconds < 10:
@@ -396,13 +398,13 @@ _PAGE = """<!doctype html>
 <style>
 :root {{
   --bg: #f5f6f8; --card: #fff; --fg: #1b2230; --muted: #5d6878; --border: #e2e5ea; --link: #1558c0;
-  --down: #c62828; --down-fg: #fff; --down-tint: #fdeeee; --warn: #a15c00; --warn-line: #e39a1c; --warn-tint: #fff5e3;
+  --down: #c62828; --down-solid: #c62828; --down-fg: #fff; --down-tint: #fdeeee; --warn: #a15c00; --warn-line: #e39a1c; --warn-tint: #fff5e3;
   --up: #2e7d32; --up-tint: #e9f5ea; --pending: #6b7280; --pending-tint: #eef0f3; --spark: #5b7fb8;
 }}
 @media (prefers-color-scheme: dark) {{
   :root {{
     --bg: #0e1116; --card: #171b22; --fg: #e4e8ee; --muted: #98a2b1; --border: #2a313b; --link: #7fb0ff;
-    --down: #e5484d; --down-fg: #fff; --down-tint: #3a1a1c; --warn: #ffb84d; --warn-line: #d9952a; --warn-tint: #33270f;
+    --down: #ff6369; --down-solid: #b8282d; --down-fg: #fff; --down-tint: #3a1a1c; --warn: #ffb84d; --warn-line: #d9952a; --warn-tint: #33270f;
     --up: #4cc38a; --up-tint: #13291d; --pending: #9aa3b0; --pending-tint: #222832; --spark: #8fb1e8;
   }}
 }}
@@ -417,14 +419,14 @@ header h1 {{ font-size: 18px; margin: 0; white-space: nowrap; }}
 .banner {{ border-radius: 10px; padding: 14px 18px; margin: 12px 0 18px; border: 1px solid transparent; }}
 .banner h2 {{ margin: 0; font-size: 22px; }}
 .banner p {{ margin: 4px 0 0; }}
-.banner.critical {{ background: var(--down); color: var(--down-fg); }}
+.banner.critical {{ background: var(--down-solid); color: var(--down-fg); }}
 .banner.warning {{ background: var(--warn-tint); color: var(--fg); border-color: var(--warn-line); border-left-width: 6px; }}
 .banner.ok {{ background: var(--up-tint); color: var(--fg); border-left: 6px solid var(--up); }}
 .banner.pending {{ background: var(--pending-tint); color: var(--fg); border-left: 6px solid var(--pending); }}
 h2.section {{ font-size: 13px; text-transform: uppercase; letter-spacing: .06em; color: var(--muted); margin: 18px 0 8px; }}
 .badge {{ display: inline-block; min-width: 4.6em; text-align: center; font-weight: 700; font-size: 12px; letter-spacing: .04em;
   padding: 2px 8px; border-radius: 4px; border: 1.5px solid transparent; }}
-.badge.down {{ background: var(--down); color: var(--down-fg); }}
+.badge.down {{ background: var(--down-solid); color: var(--down-fg); }}
 .badge.warn {{ background: var(--warn-tint); color: var(--warn); border: 1.5px dashed var(--warn-line); }}
 .badge.up {{ background: var(--up-tint); color: var(--up); border-color: var(--up); }}
 .badge.pending {{ background: var(--pending-tint); color: var(--pending); border-color: var(--pending); }}

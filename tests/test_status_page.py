@@ -39,7 +39,7 @@ def test_ages_read_in_whole_units(seconds: float, shown: str) -> None:
 
 
 @pytest.mark.parametrize(("seconds", "shown"), [
-    (0.0123, "12 ms"), (0.9994, "999 ms"), (1.34, "1.3 s"), (13.3425, "13 s"), (150, "2.5 min"),
+    (0.0002, "<1 ms"), (0.0123, "12 ms"), (0.9994, "999 ms"), (1.34, "1.3 s"), (13.3425, "13 s"), (150, "2.5 min"),
 ])
 def test_durations_read_with_three_digits_at_most(seconds: float, shown: str) -> None:
     assert readable_duration(seconds) == shown
