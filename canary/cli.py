@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[common], help="run the daemon: schedule probes and serve /metrics")
     run.add_argument("--listen", type=_listen_address, help="address to serve on, HOST:PORT (overrides [daemon].listen)")
     run.add_argument("--web.config.file", dest="web_config_file", metavar="FILE", help="exporter-toolkit web config: TLS, basic auth, headers")
+    run.add_argument("--state.dir", dest="state_dir", metavar="DIR", help="keep the status page's uptime history in DIR across restarts (overrides [daemon].state_dir)")
 
     check = commands.add_parser("check-config", parents=[common], help="validate a config file and exit")
     check.add_argument("path", nargs="?", help="config file to check")
@@ -81,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"web config error:\n{exc}", file=sys.stderr)
             return EXIT_USAGE
-        return _run_async(Daemon(config, PROBE_TYPES, build_probe, listen=args.listen, web_security=web_security).serve())
+        return _run_async(Daemon(config, PROBE_TYPES, build_probe, listen=args.listen, web_security=web_security,
+                                    state_dir=args.state_dir).serve())
     return _once(config, args)
 
 

@@ -38,6 +38,15 @@ class DaemonSettings(BaseModel):
     labels: StaticLabels = Field(default_factory=dict)
     latency_buckets: tuple[float, ...] = DEFAULT_BUCKETS
     log_level: typing.Literal["debug", "info", "warning", "error"] = "info"
+    # Where the daemon keeps what should outlive a restart (the status page's uptime buckets); None keeps nothing.
+    state_dir: str | None = None
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir_path(cls, path: str | None) -> str | None:
+        if path is not None and not path.strip():
+            raise ValueError("must be a directory's path; leave the key out to keep no state")
+        return path
 
     @field_validator("latency_buckets")
     @classmethod

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from time import perf_counter
 from typing import Annotated, Any, ClassVar, Generic, Iterable, Iterator, Literal, Mapping, TypeVar
+from urllib.parse import urlsplit
 
 import regex
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
@@ -348,6 +349,17 @@ HostPort = Annotated[str, AfterValidator(_check_host_port)]
 """`HOST:PORT`, checked by the one parser every address goes through."""
 
 
+def _check_link(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+        raise ValueError(f"must be an http:// or https:// URL, got {url[:80]!r}")
+    return url
+
+
+Link = Annotated[str, AfterValidator(_check_link)]
+"""An http(s) URL that is only shown (a runbook), never fetched."""
+
+
 class HoldsSecrets:
     """A settings value that carries secrets inside it (a URL's password, a secret query value)."""
 
@@ -371,6 +383,8 @@ class ProbeSettings(BaseModel):
     timeout: Duration | None = None
     labels: StaticLabels = Field(default_factory=dict)
     description: str = Field(default="", max_length=200)
+    # Where an operator reads what to do when this probe fails; shown as a link on the status page.
+    runbook_url: Link | None = Field(default=None, max_length=500)
     # "warning": a failure is shown and exported (with a `severity="warning"` label) but does not fail
     # `probe --once`; for parts a platform may run without by design (e.g. Kafka in its fallback mode).
     severity: Literal["critical", "warning"] = "critical"

@@ -17,6 +17,7 @@ from canary.config import Config, ConfigError, load_config
 from canary.scheduler import ProbeBuildError, Scheduler
 from canary.scrub import Scrubber, ScrubbingFilter
 from canary.state import ResultStore
+from canary.uptime import UptimeBook
 from exporter.exposition import ProbeExposition
 from exporter.self_metrics import DaemonMetrics
 from exporter.server import OPEN_PATHS, ExporterSources, build_exporter_app
@@ -49,6 +50,7 @@ class Daemon:
         build_probe: Callable[[ProbeSettings], Probe],
         listen: str | None = None,
         web_security: WebSecurity | None = None,
+        state_dir: str | None = None,
     ) -> None:
         self.config = config
         self._probe_types = probe_types
@@ -67,6 +69,9 @@ class Daemon:
         )
         self.exposition = ProbeExposition(config.daemon.labels, config.daemon.latency_buckets)
         self.store.add_listener(self.exposition.render)
+        # The status page's uptime buckets, saved under the state directory (the flag's, else the config's).
+        self.uptime = UptimeBook.in_directory(state_dir or config.daemon.state_dir)
+        self.store.add_listener(self.uptime.observe)
         self._scrub_filter = configure_logging(config.daemon.log_level, config.scrubber())
 
     async def serve(self) -> int:
@@ -77,6 +82,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload_in_background, scheduler)
         for stop_signal in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(stop_signal, self._on_stop_signal, scheduler)
+        self.uptime.load()  # before the first run records; _apply drops the buckets of probes no longer configured
         try:
             await self._apply(self.config, scheduler)
         except ProbeBuildError as exc:
@@ -84,7 +90,9 @@ class Daemon:
             return 2
         self.metrics.config_loaded(True, len(self.config.probes))
 
-        app = build_exporter_app(ExporterSources(self.store, self.exposition, self.metrics, lambda: self._ready))
+        app = build_exporter_app(
+            ExporterSources(self.store, self.exposition, self.metrics, lambda: self._ready, uptime=self.uptime)
+        )
         self.web.install(app, OPEN_PATHS)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -101,6 +109,7 @@ class Daemon:
         log.info(
             "channel-canary serving on %s://%s (%d probes from %s)", self.web.scheme, self._listen, len(self.config.probes), self.config.path
         )
+        saver = asyncio.create_task(self.uptime.save_every(), name="save-uptime")
         await self._stop.wait()
 
         self._ready = False
@@ -108,6 +117,9 @@ class Daemon:
         grace = 0.0 if self._hurried else self.config.daemon.shutdown_grace
         log.info("stopping: letting runs in flight finish (up to %gs)", grace)
         await scheduler.stop(grace)
+        saver.cancel()
+        await asyncio.gather(saver, return_exceptions=True)
+        self.uptime.save()  # the runs since the last periodic save, including those the stop let finish
         await runner.cleanup()
         for handled in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(handled)
@@ -139,6 +151,8 @@ class Daemon:
                 log.error("config reload failed; the last good config keeps running:\n%s%s", where, exc)
                 return False
             self.web.apply(web_config)
+            if config.daemon.state_dir != self.config.daemon.state_dir:
+                log.warning("daemon.state_dir changed; the state directory is chosen at start, so it takes effect on restart")
             self.config = config
             self.metrics.config_loaded(True, len(config.probes))
             log.info("config reloaded: %d probes", len(config.probes))
@@ -155,6 +169,7 @@ class Daemon:
         logging.getLogger().setLevel(daemon.log_level.upper())
         self.store.sync(config.probes, daemon.latency_buckets, daemon.history)
         self.exposition.configure(daemon.labels, daemon.latency_buckets)
+        self.uptime.keep(record.settings.name for record in self.store.records())
         if daemon.listen != self.config.daemon.listen:
             log.warning("the listen address changed to %s; it takes effect on restart", daemon.listen)
 

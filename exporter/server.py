@@ -8,6 +8,7 @@ from typing import Callable
 from aiohttp import web
 
 from canary.state import ResultStore
+from canary.uptime import UptimeBook
 from exporter.exposition import ProbeExposition
 from exporter.self_metrics import DaemonMetrics
 from exporter.status_page import render_status_page, status_json
@@ -23,6 +24,7 @@ class ExporterSources:
     probe_exposition: ProbeExposition
     daemon_metrics: DaemonMetrics
     is_ready: Callable[[], bool]
+    uptime: UptimeBook | None = None  # hourly buckets for the status page's uptime figures; None shows none
 
 
 SOURCES = web.AppKey("sources", ExporterSources)
@@ -60,12 +62,15 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _status_json(request: web.Request) -> web.Response:
-    store = request.app[SOURCES].store
-    return web.json_response(status_json(store.records(), store.channel_states()))
+    sources = request.app[SOURCES]
+    store = sources.store
+    return web.json_response(status_json(store.records(), store.channels(), sources.uptime))
 
 
 async def _status_page(request: web.Request) -> web.Response:
-    store = request.app[SOURCES].store
+    sources = request.app[SOURCES]
+    store = sources.store
     return web.Response(
-        text=render_status_page(store.records(), store.channel_states()), content_type="text/html"
+        text=render_status_page(store.records(), store.channels(), sources.uptime), content_type="text/html",
+        headers={"Cache-Control": "no-store"},
     )

@@ -147,7 +147,8 @@ class GmailSettings(ProbeSettings):
         return self.oauth_token_url or self.credentials_file.token_uri or DEFAULT_TOKEN_URI
 
     def target(self) -> str:
-        return f"gmail {url_for_humans(self.gmail_api_url)} with {self.credentials_file.path}"
+        # Not the credentials file's path: targets are shown on the status page, and a path is an internal detail.
+        return f"gmail {url_for_humans(self.gmail_api_url)}"
 
 
 class _TimeoutSession(requests.Session):
@@ -258,7 +259,7 @@ class GmailProbe(Probe[GmailSettings]):
                                "also after google-auth's retries")
         if error:
             return Result.fail("auth", f"the token endpoint {where} refused the OAuth client ({said}); check client_id "
-                               f"and client_secret in {self.settings.credentials_file.path}")
+                               "and client_secret in the credentials_file")
         return Result.fail("status", f"the token endpoint {where} did not answer with a token or an OAuth error ({said})")
 
     # --- profile -------------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Install everything the test suite needs (a virtualenv with the test extras, promtool, systemd-analyze) and run all
-# tests.
-# Safe to run again: each step is skipped when already done.
+# Install everything the test suite needs (a virtualenv with the test extras, and the Debian packages below when run
+# as root) and run all tests. Safe to run again: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,24 +11,20 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[test]"
 
-# promtool (Debian package 'prometheus') checks our exposition; the tests that need it skip without it.
-if ! command -v promtool >/dev/null 2>&1; then
+# Real tools the tests drive, as "command:Debian package": promtool and prometheus check the exposition and run the
+# rules; amtool and alertmanager check the routing; chromium renders the status page; systemd-analyze verifies the
+# systemd unit. A test whose tool is missing skips, saying why.
+missing=()
+for pair in promtool:prometheus amtool:prometheus-alertmanager chromium:chromium systemd-analyze:systemd; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null \
-            || echo "warning: could not install promtool; its tests will be skipped" >&2
+        apt-get update -qq >/dev/null \
+            && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+            || echo "warning: could not install ${missing[*]}; the tests that need them will be skipped" >&2
     else
-        echo "warning: promtool not found (install the 'prometheus' package); its tests will be skipped" >&2
-    fi
-fi
-
-# systemd-analyze (Debian package 'systemd') verifies deploy/systemd/channel-canary.service; those tests skip without it.
-# kubectl renders deploy/kubernetes where present; without it the suite renders the kustomization itself.
-if ! command -v systemd-analyze >/dev/null 2>&1; then
-    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null \
-            || echo "warning: could not install systemd-analyze; the systemd unit's tests will be skipped" >&2
-    else
-        echo "warning: systemd-analyze not found (install the 'systemd' package); the systemd unit's tests will be skipped" >&2
+        echo "warning: not found: ${missing[*]} (install these Debian packages); the tests that need them will be skipped" >&2
     fi
 fi
 

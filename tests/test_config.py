@@ -294,6 +294,16 @@ BAD_CONFIGS = [
         id="duplicate-probe-name",
     ),
     pytest.param(
+        HTTP_PROBE + 'runbook_url = "runbooks/whatsapp.md"\n',
+        ["probes[0].runbook_url: must be an http:// or https:// URL, got 'runbooks/whatsapp.md'"],
+        id="runbook-url-not-http",
+    ),
+    pytest.param(
+        '[daemon]\nstate_dir = ""\n' + HTTP_PROBE,
+        ["daemon.state_dir: must be a directory's path; leave the key out to keep no state"],
+        id="empty-state-dir",
+    ),
+    pytest.param(
         HTTP_PROBE + 'interval = "10s"\ntimeout = "20s"\n',
         ["probes[0].timeout: 20s is longer than the interval 10s (a probe never overlaps itself)"],
         id="timeout-longer-than-interval",

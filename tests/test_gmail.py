@@ -188,7 +188,8 @@ async def test_invalid_client_fails_with_auth(probe: GmailProbe, sandbox: tuple[
     result = await run(probe)
     assert result.reason == "auth"
     assert "invalid_client: Unauthorized" in result.message
-    assert "check client_id and client_secret in" in result.message
+    assert "check client_id and client_secret in the credentials_file" in result.message
+    assert str(probe.settings.credentials_file.path) not in result.message  # messages reach the status page
     assert state(app).profile_requests == 0
 
 
@@ -562,7 +563,7 @@ def test_relative_credentials_path_resolves_against_the_working_directory(
     monkeypatch.chdir(credentials.parent)
     loaded = settings("http://127.0.0.1:1", credentials.name)
     assert loaded.credentials_file.path == str(credentials)
-    assert loaded.target() == f"gmail http://127.0.0.1:1/google with {credentials}"
+    assert loaded.target() == "gmail http://127.0.0.1:1/google"  # the path is not shown where targets are
 
 
 def test_credentials_file_format_errors_never_show_secrets(tmp_path: Path) -> None:

@@ -76,8 +76,8 @@ def test_no_page_listing_or_scrape_shows_a_url_secret(config_path: Path, capsys:
     for probe in config.probes:
         store.record(probe.name, Result.fail("status", "HTTP 503"), 1.7e9)
     pages = [
-        render_status_page(store.records(), store.channel_states()),
-        json.dumps(status_json(store.records(), store.channel_states())),
+        render_status_page(store.records(), store.channels()),
+        json.dumps(status_json(store.records(), store.channels())),
         exposition.exposition(store.records(), store.channels()).decode(),
     ]
     assert main(["list", "--config", str(config_path)]) == 0

@@ -277,7 +277,7 @@ def test_config_loads_the_probe_with_its_channel(tmp_path: Path) -> None:
     assert settings.api_url == "http://127.0.0.1:8000/twilio"
     assert settings.account_sid == DEFAULT_ACCOUNT_SID
     assert "live-token-abc123" in config.secrets
-    assert settings.target() == f"twilio http://127.0.0.1:8000/twilio account {DEFAULT_ACCOUNT_SID}"
+    assert settings.target() == "twilio http://127.0.0.1:8000/twilio"  # no account SID where targets are shown
 
 
 # --- secrets ------------------------------------------------------------------------------------------------------
