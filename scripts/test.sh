@@ -21,7 +21,7 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
         apt-get update -qq >/dev/null \
-            && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+            && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
             || echo "warning: could not install ${missing[*]}; the tests that need them will be skipped" >&2
     else
         echo "warning: not found: ${missing[*]} (install these Debian packages); the tests that need them will be skipped" >&2

@@ -3,8 +3,8 @@
 Healthy first, then with faults on — the WhatsApp webhook rejecting every request (a critical probe) and the Kafka
 broker killed (a warning-only probe) — without reloading the page: its script must bring the failures in. Every
 assertion is on the rendered DOM (after the script ran) or on computed styles, at 1280 px and at a true 390 px
-viewport, in light and dark mode; the screenshots land in docs/screenshots/ (or $CANARY_SCREENSHOT_DIR) for the
-README.
+viewport, in light and dark mode; the screenshots land in $CANARY_SCREENSHOT_DIR (docs/screenshots/ for
+the README) or a temporary directory.
 
 The uptime history is seeded: a week of fabricated runs (a two-hour WhatsApp outage three days ago, a six-hour Kafka
 one two days ago) is written to the state directory before the daemon starts, so the page's 7 d figures prove the
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import tempfile
 import re
 import random
 import time
@@ -34,7 +35,9 @@ CHROMIUM = chromium_binary()
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium: install Debian's 'chromium' package (scripts/test.sh does, as root)"
 )
-SCREENSHOTS = Path(os.environ.get("CANARY_SCREENSHOT_DIR") or ROOT / "docs" / "screenshots")
+# The README's screenshots come from this test: `CANARY_SCREENSHOT_DIR=docs/screenshots ./scripts/test.sh -k browser`.
+# Otherwise they go to a temporary directory, so a test run leaves the work tree as it was.
+SCREENSHOTS = Path(os.environ.get("CANARY_SCREENSHOT_DIR") or tempfile.mkdtemp(prefix="canary-screenshots-"))
 ACCOUNT_SID = "AC" + "0" * 32  # the sandbox's account
 CREDENTIALS = ROOT / "deploy" / "sandbox" / "gmail-authorized-user.json"
 RUNBOOK = "https://runbooks.example.com/channel-canary#whatsapp-webhook"
