@@ -211,8 +211,9 @@ class Mixin:
                 "CanaryProbeFailing", "ticket", f"{self.success(probe)} == 0", "15m",
                 "Probe {{ $labels.probe }} of channel {{ $labels.channel }} is failing",
                 "{{ $labels.probe }} ({{ $labels.channel }})" + self.where() + " has failed for 15 minutes "
-                f"(value {{{{ $value }}}}).{self.reasons(probe)} A ticket, not a page: the probe is warning-only, "
-                "fails from fewer locations than a page needs, or fails only on a limit another alert judges.",
+                f"(canary_probe_success = {{{{ $value }}}}).{self.reasons(probe)} A ticket, not a page: the probe is "
+                "warning-only, fails from fewer locations than a page needs, or fails only on a limit another alert "
+                "judges.",
                 platform_explains=True,
             ),
         ]
