@@ -15,6 +15,42 @@ SELECTOR = 'job=~".*canary.*"'
 
 # Labels every aggregate keeps: a static label per deployment, and the location a probe ran from.
 GROUPING = ("environment", "location", "channel")
+# The static label naming where a probe ran from; paging alerts count failing locations (MIN_FAILING_LOCATIONS).
+LOCATION_LABEL = "location"
+
+# Which probes the alerts read, inside SELECTOR. The platform's own health check: while it fails the platform is down,
+# and the alerts of PLATFORM_CHANNELS (all served through its API) are inhibited in Alertmanager.
+PLATFORM_SELECTOR = 'probe="api-health"'
+PLATFORM_CHANNELS = ("api", "web_form", "whatsapp", "email")
+API_SELECTOR = 'channel="api", type="http"'  # API latency: the http probes of the api channel
+WEB_FORM_SELECTOR = 'channel="web_form", type="transaction"'  # the web-form canary and its agent_reply phase
+AGENT_REPLY_PHASE = "agent_reply"
+DATABASE_SELECTOR = 'type="postgres"'
+TICKET_BACKLOG_QUERY = "open_tickets"  # [[probes.queries]] names of deploy/config.production.toml
+ESCALATION_RATIO_QUERY = "escalation_ratio_7d"
+LLM_SELECTOR = 'type="llm"'
+PROVIDER_STATUS_SELECTOR = 'type="statuspage"'
+GMAIL_SELECTOR = 'type="gmail"'
+WHATSAPP_SELECTOR = 'type="whatsapp"'
+TWILIO_SELECTOR = 'type="twilio"'
+REDIS_SELECTOR = 'type="redis"'
+TLS_SELECTOR = 'type="tls"'
+KAFKA_LAG_SELECTOR = 'type="kafka_lag"'
+KAFKA_DLQ_SELECTOR = 'type="kafka_dlq"'
+
+# Failures that another alert judges with its own threshold and severity, so "a critical probe failing" does not
+# page for them (it opens a ticket): limits and expiries (the database, Kafka, Redis, TLS and Gmail alerts), rate
+# limits (the canary's own calls being throttled), what a provider's status page says about itself, and a slow LLM
+# (the web-form canary pages when the agent's replies really stop). Each entry is one selector's matchers.
+JUDGED_FAILURES = (
+    'reason=~"threshold|expiry|rate_limited"',
+    'type="statuspage"',
+    'type="llm", reason="slow"',
+)
+# How far back failure reasons are read: recent ones (longer than most probe intervals, the reasons an alert names)
+# and judged ones (longer than the longest probe interval, e.g. the hourly tls probe).
+REASON_WINDOW = "15m"
+JUDGED_WINDOW = "2h"
 
 # Availability objective of canary runs per channel (critical probes only), over SLO_PERIOD.
 SLO_OBJECTIVE = 0.995
@@ -32,6 +68,10 @@ MIN_FAILING_LOCATIONS = 2
 
 # Severity scheme of every alert: "page" wakes someone, "ticket" waits for working hours.
 SEVERITIES = ("page", "ticket")
+
+# Alertmanager example (deploy/alertmanager/alertmanager.yml): a receiver per severity, notifications grouped by these.
+ALERTMANAGER_RECEIVERS = {"page": "pager", "ticket": "ticket"}
+ALERTMANAGER_GROUP_BY = ("environment", "channel")
 
 # Runbook thresholds (deploy/runbooks/ explains each).
 THRESHOLDS = {
@@ -51,6 +91,11 @@ THRESHOLDS = {
     "tls_expiry_warning_days": 14,
     "tls_expiry_critical_days": 3,
     "stale_intervals": 3,
+    "db_long_queries": 0,  # queries over db_long_query_seconds (the postgres probe's long_query_threshold)
+    "db_ungranted_locks": 0,
+    "kafka_dlq_growth": 0,
+    "statuspage_outage_indicator": 2,  # 0 none, 1 minor, 2 major, 3 critical
+    "redis_memory_ratio": 0.9,
 }
 
 # Recording rule names: the rules define them, the dashboards and alerts read them. Labels: GROUPING.
