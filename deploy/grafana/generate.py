@@ -286,17 +286,21 @@ def build_channel_health() -> dash.Dashboard:
             table.Panel()
             .title("Last failure per probe")
             .description(
-                "For each probe that failed in the time range: the reason of its latest failure "
-                "(canary_probe_failures_total{reason} increases) and when it was seen. The reasons are the closed "
-                "set of canary/contract.py (README, Metrics)."
+                "For each probe that failed in the time range: the reason of its latest failure (the "
+                "canary_probe_failures_total{reason} counter that increased last) and when, to within the panel's "
+                "resolution. Reasons are the closed set of the README's Metrics section."
             )
             .datasource(DATASOURCE)
             .span(12)
             .height(8)
             .with_target(
+                # Per probe and reason, the last step of the range at which the failure counter was still
+                # below its value at the end: the counter's last increase came right after it (within
+                # $__interval). The latest of a probe's reasons is its last failure's. A counter reset (daemon
+                # restart) leaves that right: older, higher values are not below the end value.
                 query(
                     "topk by (environment, location, channel, probe) (1, max_over_time((timestamp("
-                    f"increase(canary_probe_failures_total{sel()}[$__rate_interval]) > 0"
+                    f"canary_probe_failures_total{sel()} < canary_probe_failures_total{sel()} @ end()"
                     ") * 1000)[$__range:$__interval]))",
                     "", "A", instant=True, as_table=True,
                 )
