@@ -109,6 +109,20 @@ def test_the_committed_dashboard_is_what_the_generator_makes(name: str) -> None:
     assert (GRAFANA_DIR / name).read_text() == first, f"{name} is stale: run python -m deploy.grafana.generate"
 
 
+@pytest.mark.parametrize("name", sorted(generate.DASHBOARDS))
+def test_the_committed_dashboard_decodes_with_grafanas_schema_unchanged(name: str) -> None:
+    """The SDK's models (Grafana's dashboard and panel schemas) read the JSON back and write the same bytes: no
+    field of a wrong type or place, none they would fill in."""
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.cog.plugins import register_default_plugins
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    register_default_plugins()  # the panel and query types' own models
+    text = (GRAFANA_DIR / name).read_text()
+    decoded = Dashboard.from_json(json.loads(text))
+    assert JSONEncoder(sort_keys=True, indent=2, ensure_ascii=False).encode(decoded) + "\n" == text
+
+
 def test_no_dashboard_json_is_left_over_from_an_older_generator() -> None:
     assert {p.name for p in GRAFANA_DIR.glob("*.json")} == set(generate.DASHBOARDS)
 

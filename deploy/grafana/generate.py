@@ -318,6 +318,7 @@ def build_channel_health() -> dash.Dashboard:
                 )
             )
             .unit("dateTimeFromNow")
+            .align(common.FieldTextAlignment.AUTO)
             .sort_by([common_builders.TableSortByFieldState().display_name("last failure").desc(True)])
             .no_value("no failures in the time range")
         )
