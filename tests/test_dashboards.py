@@ -37,13 +37,15 @@ RULES_DIR = Path(os.environ.get("CANARY_TEST_RULES_DIR", ROOT / "deploy" / "prom
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 DATA_WAIT = 60.0  # seconds for every panel of the sandbox's channels to show data
 SANDBOX_CHANNELS = {"api", "web_form", "whatsapp", "email", "ai_agent", "ai_provider", "database"}
+SANDBOX_PROBES = {"api-health", "web-form", "whatsapp-inbound", "twilio-account", "gmail", "llm", "llm-provider-status",
+                  "database"}
 
 # Grafana's macros and our variables, as a query would see them: "All" is ".*"; the intervals suit a 1 s scrape.
 SUBSTITUTIONS = {
     "$__rate_interval": "1m",
     "$__interval": "5s",
     "$__range": "1h",
-    **{f"${label}": generate.ALL_VALUE for label in config.GROUPING},
+    **{f"${label}": generate.ALL_VALUE for label in generate.PROBE_VARIABLE_LABELS},
 }
 RULE_NAMES = {
     *(config.ERROR_RATIO.format(window=w) for w in config.ERROR_RATIO_WINDOWS),
@@ -140,28 +142,31 @@ def test_a_threshold_changed_in_config_changes_the_dashboard(monkeypatch: pytest
 
 
 def test_every_panel_and_variable_is_filtered_by_the_selector_and_the_variables() -> None:
-    """Raw series carry config.SELECTOR; every series, raw or recorded, is narrowed by each GROUPING variable."""
+    """Raw series carry config.SELECTOR; every series, raw or recorded, is narrowed by each of its dashboard's label
+    variables (the GROUPING labels first), and each variable by the ones before it."""
     for name in generate.DASHBOARDS:
         board = committed(name)
-        exprs = [(title, expr) for title, _, expr in targets(board)]
-        for title, expr in exprs:
-            selectors = SELECTOR.findall(expr)
-            assert selectors, f"{title}: no series selector in {expr}"
-            for metric, matchers in selectors:
-                if metric not in RULE_NAMES:
-                    assert config.SELECTOR in matchers, f"{title}: {metric} lacks {config.SELECTOR}"
-                for label in config.GROUPING:
-                    assert f'{label}=~"${label}"' in matchers, f"{title}: {metric} is not filtered by ${label}"
-            bare = metric_names(SELECTOR.sub("", expr))
-            assert not bare, f"{title}: series read without a selector: {bare}"
-        previous: list[str] = []
+        variables: list[str] = []
         for variable, query in variable_queries(board):
             match = LABEL_VALUES.match(query)
             assert match and match.group(2) == variable, query
-            for label in previous:
-                assert f'{label}=~"${label}"' in match.group(1), f"${variable} ignores ${label}"
-            previous.append(variable)
-        assert previous == list(config.GROUPING)
+            for label in variables:
+                assert f'{label}=~"${label}"' in match.group(1), f"{name}: ${variable} ignores ${label}"
+            variables.append(variable)
+        assert variables[: len(config.GROUPING)] == list(config.GROUPING), name
+        for title, _, expr in targets(board):
+            selectors = SELECTOR.findall(expr)
+            assert selectors, f"{name} / {title}: no series selector in {expr}"
+            for metric, matchers in selectors:
+                if metric in RULE_NAMES:  # the rules keep only the GROUPING labels
+                    wanted = list(config.GROUPING)
+                else:
+                    assert config.SELECTOR in matchers, f"{name} / {title}: {metric} lacks {config.SELECTOR}"
+                    wanted = variables
+                for label in wanted:
+                    assert f'{label}=~"${label}"' in matchers, f"{name} / {title}: {metric} ignores ${label}"
+            bare = metric_names(SELECTOR.sub("", expr))
+            assert not bare, f"{name} / {title}: series read without a selector: {bare}"
         for panel in board["panels"]:
             assert panel["type"] == "row" or panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
 
@@ -283,23 +288,24 @@ def test_the_variables_find_the_daemons_labels(stack: Stack) -> None:
         "environment": {"dev"},  # the shipped config's default
         "location": {"ci"},  # the scrape's target label in this test
         "channel": SANDBOX_CHANNELS,  # each appears with its channel's first result, within the daemon's jitter
+        "probe": SANDBOX_PROBES,
     }
-    found: dict[str, set[str]] = {}
+    queries = [(name, variable, *LABEL_VALUES.match(query).groups())  # type: ignore[union-attr]
+               for name in generate.DASHBOARDS for variable, query in variable_queries(committed(name))]
+    assert {variable for _, variable, _, _ in queries} == set(expected)
+    found: dict[tuple[str, str], set[str]] = {}
     deadline = time.monotonic() + 20
     for _ in range(40):  # bounded: at most 40 rounds, 20 s
-        for name in generate.DASHBOARDS:
-            for variable, query in variable_queries(committed(name)):
-                match = LABEL_VALUES.match(query)
-                assert match, query
-                selector, label = substitute(match.group(1)), match.group(2)
-                answer = stack.api(f"/api/v1/label/{label}/values", **{"match[]": [selector]})
-                assert answer["status"] == "success", f"${variable}: {answer.get('error')}"
-                found[variable] = set(answer["data"])
-        if all(values <= found[v] for v, values in expected.items()) or time.monotonic() > deadline:
+        for name, variable, selector, label in queries:
+            answer = stack.api(f"/api/v1/label/{label}/values", **{"match[]": [substitute(selector)]})
+            assert answer["status"] == "success", f"{name}: ${variable}: {answer.get('error')}"
+            found[name, variable] = set(answer["data"])
+        if all(expected[v] <= values for (_, v), values in found.items()) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    for variable, values in expected.items():
-        assert values <= found[variable], f"${variable} offers {sorted(found[variable])}, not all of {sorted(values)}"
+    for (name, variable), values in found.items():
+        missing = expected[variable] - values
+        assert not missing, f"{name}: ${variable} offers {sorted(values)}, without {sorted(missing)}"
 
 
 def test_every_panel_of_the_sandbox_channels_shows_data(stack: Stack) -> None:

@@ -15,6 +15,8 @@ RUNBOOK_BASE_URL = "https://github.com/channel-canary/channel-canary/blob/main/d
 DASHBOARD_TAGS = ("channel-canary",)
 CHANNEL_HEALTH_DASHBOARD_UID = "channel-canary-health"
 CHANNEL_HEALTH_DASHBOARD_TITLE = "Channel canary / Channel health"
+PROBE_DETAIL_DASHBOARD_UID = "channel-canary-probe"
+PROBE_DETAIL_DASHBOARD_TITLE = "Channel canary / Probe detail"
 
 # Added to every canary selector, e.g. 'job="channel-canary"' or 'environment="prod"'.
 SELECTOR = 'job=~".*canary.*"'
