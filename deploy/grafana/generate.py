@@ -54,6 +54,14 @@ def rule_sel(*extra: str) -> str:
     return "{" + ", ".join([*_matchers(VARIABLE_LABELS), *extra]) + "}"
 
 
+def eq(label: str, value: str) -> str:
+    return f'{label}="{value}"'
+
+
+CRITICAL = 'importance!="warning"'  # only warning probes carry importance; critical ones have no such label
+WARNING = 'importance="warning"'
+
+
 def error_ratio(window: str) -> str:
     assert window in config.ERROR_RATIO_WINDOWS, window
     return config.ERROR_RATIO.format(window=window)
@@ -208,7 +216,7 @@ def override(**properties: object) -> list[model.DynamicConfigValue]:
     return [model.DynamicConfigValue(id_val=key, value=value) for key, value in properties.items()]
 
 
-# ---- the channel-health dashboard ---------------------------------------------------------------------------------
+# ---- layout and the pieces both dashboards share ------------------------------------------------------------------
 
 class Section:
     """A row of the dashboard and the panels under it. Rows stay expanded, and Grafana wants an expanded row's
@@ -221,14 +229,6 @@ class Section:
     def with_panel(self, panel: object) -> "Section":
         self.panels.append(panel)
         return self
-
-
-def eq(label: str, value: str) -> str:
-    return f'{label}="{value}"'
-
-
-CRITICAL = 'importance!="warning"'  # only warning probes carry importance; critical ones have no such label
-WARNING = 'importance="warning"'
 
 
 def dashboard_link(title: str, uid: str) -> dash.DashboardLink:
@@ -338,6 +338,8 @@ def last_failure_table(selector: str, width: int = 12) -> table.Panel:
         .no_value("no failures in the time range")
     )
 
+
+# ---- the dashboards -----------------------------------------------------------------------------------------------
 
 def build_channel_health() -> dash.Dashboard:
     t = config.THRESHOLDS
