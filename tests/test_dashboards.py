@@ -99,7 +99,9 @@ def recorded_names() -> set[str]:
     return names
 
 
-ALL_TARGETS = [(name, *target) for name in generate.DASHBOARDS for target in targets(committed(name))]
+ALL_TARGETS = [  # a missing file fails test_the_committed_dashboard_is_what_the_generator_makes, not collection
+    (name, *target) for name in generate.DASHBOARDS if (GRAFANA_DIR / name).exists() for target in targets(committed(name))
+]
 
 
 # ---- generated, and from config.py ---------------------------------------------------------------------------------
