@@ -100,7 +100,9 @@ def recorded_names() -> set[str]:
 
 
 ALL_TARGETS = [  # a missing file fails test_the_committed_dashboard_is_what_the_generator_makes, not collection
-    (name, *target) for name in generate.DASHBOARDS if (GRAFANA_DIR / name).exists() for target in targets(committed(name))
+    (name, *target)
+    for name in generate.DASHBOARDS if (GRAFANA_DIR / name).exists()
+    for target in targets(committed(name))
 ]
 
 
