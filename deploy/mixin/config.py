@@ -10,6 +10,14 @@ from __future__ import annotations
 # Where the runbook sections live; an alert's runbook_url is RUNBOOK_BASE_URL + "#" + its section's anchor.
 RUNBOOK_BASE_URL = "https://github.com/channel-canary/channel-canary/blob/main/deploy/runbooks/README.md"
 
+# Grafana dashboards (deploy/grafana/generate.py): fixed uids, so links, bookmarks and provisioned copies survive a
+# regeneration; the tag groups them in Grafana's dashboard list.
+DASHBOARD_TAGS = ("channel-canary",)
+CHANNEL_HEALTH_DASHBOARD_UID = "channel-canary-health"
+CHANNEL_HEALTH_DASHBOARD_TITLE = "Channel canary / Channel health"
+PROBE_DETAIL_DASHBOARD_UID = "channel-canary-probe"
+PROBE_DETAIL_DASHBOARD_TITLE = "Channel canary / Probe detail"
+
 # Added to every canary selector, e.g. 'job="channel-canary"' or 'environment="prod"'.
 SELECTOR = 'job=~".*canary.*"'
 
