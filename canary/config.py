@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from canary.scrub import Scrubber
+from canary.sharding import check_spec
 from canary.contract import Duration, HostPort, Probe, ProbeSettings, StaticLabels, parse_host_port
 
 DEFAULT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0)
@@ -38,6 +39,12 @@ class DaemonSettings(BaseModel):
     labels: StaticLabels = Field(default_factory=dict)
     latency_buckets: tuple[float, ...] = DEFAULT_BUCKETS
     log_level: typing.Literal["debug", "info", "warning", "error"] = "info"
+    shard: str = "0/1"  # "I/N" or "auto"; resolved at start (canary.sharding), so `check-config` needs no pod
+
+    @field_validator("shard")
+    @classmethod
+    def _shard_form(cls, shard: str) -> str:
+        return check_spec(shard)
 
     @field_validator("latency_buckets")
     @classmethod
