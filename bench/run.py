@@ -4,6 +4,7 @@
     python bench/run.py lateness    # 2. scheduler lateness, 10,000 probes every 10 s (target: p99 < 10 ms)
     python bench/run.py scrape      # 3. /metrics with 10,000 probes (targets: < 100 ms, RSS < 250 MB)
     python bench/run.py once        # 4. `probe --once` wall time on the shipped config against the sandbox
+    python bench/run.py shards      # 5. probe runs/s at steady p99 lateness < 10 ms with 1 and 2 `probe run --shard` processes
     python bench/run.py all         # every part, each in its own process
     add --quick for short versions (e.g. lateness runs 20 s instead of 2 min)
 
@@ -26,7 +27,7 @@ import time
 
 from common import BENCH_DIR, ROOT
 
-PARTS = ("http-cpu", "lateness", "scrape", "once")
+PARTS = ("http-cpu", "lateness", "scrape", "once", "shards")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     lateness.add_argument("--duration", type=float, default=None, help="seconds to run each kind (default 120, --quick 20)")
     scrape = parser.add_argument_group("scrape")
     scrape.add_argument("--scrapes", type=int, default=None, help="timed scrapes (default 20, --quick 5)")
+    shards = parser.add_argument_group("shards")
+    shards.add_argument("--max-shards", type=int, default=2, help="measure 1 up to this many shards (default 2)")
     return parser
 
 
@@ -100,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         import once
 
         once.run(quick=args.quick)
+    elif args.part == "shards":
+        import shards
+
+        shards.run(args.quick, args.max_shards)
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Coroutine, Sequence
@@ -15,6 +16,7 @@ from typing import Any, Coroutine, Sequence
 from canary import __version__
 from canary.config import Config, ConfigError, load_config
 from canary.contract import parse_host_port
+from canary.sharding import EVERYTHING, Shard, ShardError, check_spec, resolve, select
 from probes import PROBE_TYPES, build_probe
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -37,11 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", type=_listen_address, help="address to serve on, HOST:PORT (overrides [daemon].listen)")
     run.add_argument("--web.config.file", dest="web_config_file", metavar="FILE", help="exporter-toolkit web config: TLS, basic auth, headers")
     run.add_argument("--state.dir", dest="state_dir", metavar="DIR", help="keep the status page's uptime history in DIR across restarts (overrides [daemon].state_dir)")
+    run.add_argument("--shard", type=_shard_spec, metavar="I/N|auto", help="run only shard I of N of the probes (overrides [daemon].shard); "
+                     "auto: I from the host name's StatefulSet ordinal, N from $CANARY_SHARDS")
 
     check = commands.add_parser("check-config", parents=[common], help="validate a config file and exit")
     check.add_argument("path", nargs="?", help="config file to check")
 
-    commands.add_parser("list", parents=[common], help="list the configured probes")
+    listing = commands.add_parser("list", parents=[common], help="list the configured probes")
+    listing.add_argument("--shard", type=_shard_spec, metavar="I/N|auto", help="only the probes shard I of N runs")
 
     sandbox = commands.add_parser("sandbox", help="serve the bundled stand-in platform for demos and tests")
     sandbox.add_argument("--listen", type=_listen_address, default="127.0.0.1:8000", help="HOST:PORT (default 127.0.0.1:8000)")
@@ -55,6 +60,24 @@ def _listen_address(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _shard_spec(text: str) -> str:
+    """argparse's check of a --shard value's form; `auto` is resolved once the config is loaded."""
+    try:
+        return check_spec(text)
+    except ShardError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _shard(flag: str | None, config: Config) -> Shard | None:
+    """The flag's shard, else `[daemon] shard`; None (reported, naming the flag or key) when it cannot be used."""
+    spec, where = (flag, "--shard") if flag is not None else (config.daemon.shard, f"{config.path}: daemon.shard")
+    try:
+        return resolve(spec, socket.gethostname(), os.environ)
+    except ShardError as exc:
+        print(f"{'usage' if flag is not None else 'config'} error:\n{where}: {exc}", file=sys.stderr)
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,10 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config is None:
         return EXIT_USAGE
     if args.command == "list":
-        return _list(config)
+        shard = EVERYTHING if args.shard is None else _shard(args.shard, config)
+        return EXIT_USAGE if shard is None else _list(config, shard)
     if args.command == "run":
         from canary.daemon import Daemon
         from exporter.web_security import WebSecurity
+
+        shard = _shard(args.shard, config)
+        if shard is None:
+            return EXIT_USAGE
 
         try:
             web_security = WebSecurity.from_file(args.web_config_file)
@@ -83,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"web config error:\n{exc}", file=sys.stderr)
             return EXIT_USAGE
         return _run_async(Daemon(config, PROBE_TYPES, build_probe, listen=args.listen, web_security=web_security,
-                                    state_dir=args.state_dir).serve())
+                                    state_dir=args.state_dir, shard=shard).serve())
     return _once(config, args)
 
 
@@ -103,10 +131,10 @@ def _check_config(path: Path) -> int:
     return EXIT_OK
 
 
-def _list(config: Config) -> int:
+def _list(config: Config, shard: Shard) -> int:
     rows = [("NAME", "TYPE", "CHANNEL", "INTERVAL", "TIMEOUT", "TARGET")] + [
         (p.name, p.type, p.channel, f"{p.interval:g}s", f"{p.timeout:g}s", config.scrubber()(p.safe_target()))
-        for p in config.probes
+        for p in select(config.probes, shard.index, shard.count)
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from canary.scrub import Scrubber
+from canary.sharding import check_spec
 from canary.contract import Duration, HostPort, Probe, ProbeSettings, StaticLabels, parse_host_port
 
 DEFAULT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0)
@@ -47,6 +48,13 @@ class DaemonSettings(BaseModel):
         if path is not None and not path.strip():
             raise ValueError("must be a directory's path; leave the key out to keep no state")
         return path
+
+    shard: str = "0/1"  # "I/N" or "auto"; resolved at start (canary.sharding), so `check-config` needs no pod
+
+    @field_validator("shard")
+    @classmethod
+    def _shard_form(cls, shard: str) -> str:
+        return check_spec(shard)
 
     @field_validator("latency_buckets")
     @classmethod

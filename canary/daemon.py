@@ -1,4 +1,4 @@
-"""`probe run`: load the config, schedule every probe, serve the exporter, reload on SIGHUP, stop on SIGTERM.
+"""`probe run`: load the config, schedule every probe (of its shard), serve the exporter, reload on SIGHUP, stop on SIGTERM.
 
 Reloads are all-or-nothing: a broken file is logged and counted in `canary_config_last_reload_successful`,
 and the last good config keeps running.
@@ -16,6 +16,7 @@ from aiohttp import web
 from canary.config import Config, ConfigError, load_config
 from canary.scheduler import ProbeBuildError, Scheduler
 from canary.scrub import Scrubber, ScrubbingFilter
+from canary.sharding import EVERYTHING, Shard, select
 from canary.state import ResultStore
 from canary.uptime import UptimeBook
 from exporter.exposition import ProbeExposition
@@ -51,8 +52,10 @@ class Daemon:
         listen: str | None = None,
         web_security: WebSecurity | None = None,
         state_dir: str | None = None,
+        shard: Shard = EVERYTHING,
     ) -> None:
         self.config = config
+        self.shard = shard  # fixed for the process's life; every (re)load runs only this shard's probes
         self._probe_types = probe_types
         self._build_probe = build_probe
         self._listen = listen or config.daemon.listen
@@ -62,7 +65,7 @@ class Daemon:
         self._background: set[asyncio.Task[bool]] = set()  # reloads started by SIGHUP, referenced until done
         self._ready = False
         self._hurried = False  # a second stop signal came: the stop must not wait for runs in flight
-        self.metrics = DaemonMetrics()
+        self.metrics = DaemonMetrics(shard.index, shard.count)
         self.store = ResultStore(
             config.daemon.latency_buckets, config.daemon.history,
             reasons_for=lambda type_name: (*RUNNER_REASONS, *probe_types[type_name].reasons),
@@ -84,11 +87,11 @@ class Daemon:
             loop.add_signal_handler(stop_signal, self._on_stop_signal, scheduler)
         self.uptime.load()  # before the first run records; _apply drops the buckets of probes no longer configured
         try:
-            await self._apply(self.config, scheduler)
+            running = await self._apply(self.config, scheduler)
         except ProbeBuildError as exc:
             log.error("%s: %s", self.config.path, exc)
             return 2
-        self.metrics.config_loaded(True, len(self.config.probes))
+        self.metrics.config_loaded(True, running)
 
         app = build_exporter_app(
             ExporterSources(self.store, self.exposition, self.metrics, lambda: self._ready, uptime=self.uptime)
@@ -107,7 +110,8 @@ class Daemon:
 
         self._ready = True
         log.info(
-            "channel-canary serving on %s://%s (%d probes from %s)", self.web.scheme, self._listen, len(self.config.probes), self.config.path
+            "channel-canary serving on %s://%s (%d probes from %s%s)", self.web.scheme, self._listen, running, self.config.path,
+            "" if self.shard == EVERYTHING else f", shard {self.shard}",
         )
         saver = asyncio.create_task(self.uptime.save_every(), name="save-uptime")
         await self._stop.wait()
@@ -144,7 +148,7 @@ class Daemon:
             try:
                 config = load_config(self.config.path, self._probe_types)
                 web_config = self.web.load()
-                await self._apply(config, scheduler)
+                running = await self._apply(config, scheduler)
             except (ConfigError, ProbeBuildError) as exc:
                 self.metrics.config_loaded(False)
                 where = "" if isinstance(exc, ConfigError) else f"{self.config.path}: "
@@ -154,22 +158,27 @@ class Daemon:
             if config.daemon.state_dir != self.config.daemon.state_dir:
                 log.warning("daemon.state_dir changed; the state directory is chosen at start, so it takes effect on restart")
             self.config = config
-            self.metrics.config_loaded(True, len(config.probes))
-            log.info("config reloaded: %d probes", len(config.probes))
+            self.metrics.config_loaded(True, running)
+            log.info("config reloaded: %d probes", running)
             return True
 
-    async def _apply(self, config: Config, scheduler: Scheduler) -> None:
-        """Switch to `config`, or raise ProbeBuildError having changed nothing.
+    async def _apply(self, config: Config, scheduler: Scheduler) -> int:
+        """Switch to `config` (this shard's share of its probes), or raise ProbeBuildError having changed nothing.
+        Returns how many probes now run.
 
         The scheduler builds every new probe before it stops any old one; the store and the exposition follow only
         once it has switched (with no await in between, so no new run can record before its record exists)."""
         daemon = config.daemon
-        await scheduler.apply(config.probes, daemon.jitter, config.scrubber())
+        probes = select(config.probes, self.shard.index, self.shard.count)
+        await scheduler.apply(probes, daemon.jitter, config.scrubber())
         self._scrub_filter.scrubber = config.scrubber()
         logging.getLogger().setLevel(daemon.log_level.upper())
-        self.store.sync(config.probes, daemon.latency_buckets, daemon.history)
+        self.store.sync(probes, daemon.latency_buckets, daemon.history)
         self.exposition.configure(daemon.labels, daemon.latency_buckets)
         self.uptime.keep(record.settings.name for record in self.store.records())
         if daemon.listen != self.config.daemon.listen:
             log.warning("the listen address changed to %s; it takes effect on restart", daemon.listen)
+        if daemon.shard != self.config.daemon.shard:
+            log.warning("daemon.shard changed to %s; the shard is chosen at start, so it takes effect on restart", daemon.shard)
+        return len(probes)
 

@@ -1,4 +1,4 @@
-"""The daemon's metrics about itself: scheduler lateness, skipped slots, config reloads, build."""
+"""The daemon's metrics about itself: scheduler lateness, skipped slots, config reloads, build, shard."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ LATENESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class DaemonMetrics:
     """Lives in a private registry, so several daemons (or tests) in one process never collide."""
 
-    def __init__(self) -> None:
+    def __init__(self, shard: int = 0, shards: int = 1) -> None:
         # `_created` series double the self-metrics and no alert or panel reads them.
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
@@ -43,6 +43,11 @@ class DaemonMetrics:
         self._probes = Gauge("canary_probes", "Probes in the running config.", registry=self.registry)
         Info("canary_build", "The running channel-canary build.", registry=self.registry).info(
             {"version": __version__, "python_version": platform.python_version()}
+        )
+        # Which share of the probes this process runs, so a rule can name the shard of a target that is down
+        # (`up == 0` joined on instance). A single process is shard 0 of 1.
+        Info("canary_shard", "The shard of the config's probes this process runs (I of N, from 0).", registry=self.registry).info(
+            {"shard": str(shard), "shards": str(shards)}
         )
 
     def observe_lateness(self, seconds: float) -> None:
