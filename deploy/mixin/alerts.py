@@ -555,7 +555,7 @@ class Mixin:
         ]
 
     def canary(self) -> list[Alert]:
-        cfg, t = self.cfg, self.cfg.THRESHOLDS
+        t = self.cfg.THRESHOLDS
         mine = (("component", "canary"),)
         stale = number(t["stale_intervals"])
         return [
@@ -608,13 +608,12 @@ class Mixin:
         cfg = self.cfg
         group, group_q = self.keys(), self.keys(location=False)
         budget = 1 - cfg.SLO_OBJECTIVE
-        runs = f"canary_probe_runs_total{{matchers}}"
         records: list[dict[str, Any]] = [
             {"record": cfg.SLO_OBJECTIVE_SERIES, "expr": PromQL(f"vector({number(cfg.SLO_OBJECTIVE)})")},
         ]
         for window in cfg.ERROR_RATIO_WINDOWS:
-            failed = runs.replace("{matchers}", self.sel(self.crit, 'result="failure"'))
-            every = runs.replace("{matchers}", self.sel(self.crit))
+            failed = "canary_probe_runs_total" + self.sel(self.crit, 'result="failure"')
+            every = "canary_probe_runs_total" + self.sel(self.crit)
             records.append({
                 "record": cfg.ERROR_RATIO.format(window=window),
                 "expr": PromQL(f"sum by ({group}) (rate({failed}[{window}]))\n/\nsum by ({group}) (rate({every}[{window}]))"),
