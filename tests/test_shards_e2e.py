@@ -15,6 +15,7 @@ for as long as the range reaches back (here 10m). The test proves each of these 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import urllib.parse
@@ -78,6 +79,16 @@ def prometheus_query(base: str, query: str) -> list[dict] | None:  # type: ignor
         return None
 
 
+def firing_instances(base: str, alertname: str) -> set[str] | None:
+    """The instances `alertname` fires for, or None while Prometheus is not answering."""
+    try:
+        with urllib.request.urlopen(f"{base}/api/v1/alerts", timeout=5) as response:
+            alerts = json.load(response)["data"]["alerts"]
+    except OSError:
+        return None
+    return {a["labels"].get("instance", "") for a in alerts if a["labels"]["alertname"] == alertname and a["state"] == "firing"}
+
+
 def probes_in(result: list[dict] | None) -> set[str]:  # type: ignore[type-arg]
     return {series["metric"]["probe"] for series in result or []}
 
@@ -138,8 +149,12 @@ def test_every_probe_runs_in_exactly_one_shard_and_prometheus_sees_each_once(
 
     if not Path(PROMETHEUS).exists():
         pytest.skip(f"no prometheus binary at {PROMETHEUS} (Debian package 'prometheus'); the Prometheus half did not run")
+    # The shipped alert rules, with every `for` shortened in this copy (the expressions are the shipped ones).
+    rules = (ROOT / "deploy" / "prometheus" / "rules" / "canary-alerts.yml").read_text()
+    (tmp_path / "canary-alerts.yml").write_text(re.sub(r"(?m)^(\s+)for: \S+$", r"\1for: 1s", rules))
     prometheus_config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(tmp_path / "canary-alerts.yml")],
         "scrape_configs": [{"job_name": "canary", "static_configs": [{"targets": [f"127.0.0.1:{port}" for _, port in shards]}]}],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config))
@@ -171,6 +186,9 @@ def test_every_probe_runs_in_exactly_one_shard_and_prometheus_sees_each_once(
         down = prometheus_query(base, SHARD_DOWN)
         assert [(s["metric"]["instance"], s["metric"]["shard"], s["metric"]["shards"]) for s in down or []] == [(instance, "1", "3")]
         assert scalar(base, "count(up == 1)") == SHARDS - 1
+        # ...and the shipped alert for it fires, for that shard's target alone.
+        wait_for(lambda: firing_instances(base, "CanaryTargetDown") == {instance},
+                 timeout=30, what="CanaryTargetDown firing for the stopped shard only")
 
         # The stopped shard's probe series were marked stale at once: they are gone, so the plain "not run for
         # 3 intervals" expression says nothing about them (an alert on it alone would stay silent).
