@@ -95,7 +95,10 @@ class Mixin:
         return f"min by ({keys}) (canary_probe_success{self.sel(*matchers)})"
 
     def failures(self, window: str, *matchers: str) -> str:
-        return f"increase(canary_probe_failures_total{self.sel(*matchers)}[{window}])"
+        """Failure counters that grew within `window` (only those). A counter first scraped already above 0 (the probe
+        failed before the first scrape after a start) has no increase() yet: it counts too, while it is that new."""
+        counter = f"canary_probe_failures_total{self.sel(*matchers)}"
+        return f"(increase({counter}[{window}]) > 0 or ({counter} > 0 unless {counter} offset {window}))"
 
     def failing_with(self, keys: str, reason: str, *matchers: str) -> str:
         """The probe fails now, and failed for `reason` (a matcher) within REASON_WINDOW. Value: those failures."""
