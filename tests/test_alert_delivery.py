@@ -115,19 +115,20 @@ def stack(tmp_path: Path) -> Iterator[tuple[str, Webhooks]]:
             wait_for_port(int(url.rsplit(":", 1)[1]), process, timeout=30)
             if faults:
                 set_faults(url, faults)
-        ports = {}
+        ports = {env: free_port() for env in FAULTS}
+        # Prometheus first, so it scrapes each daemon's zeroed failure counters before a probe's first run: the
+        # rules read increase(), which cannot see a counter that was already 1 when first scraped.
+        prometheus, _ = start_prometheus(tmp_path / "prometheus", list(ports.values()),
+                                         rule_files=fast_rules(tmp_path / "rules"), alertmanager=am_url)
+        started.append(prometheus)
         for env in FAULTS:
-            ports[env] = free_port()
             daemon_env = {**platform_env(sandboxes[env][1]), "CANARY_ENVIRONMENT": env}
             for shortened in ("AGENT_REPLY_SLA", "LLM_SLOW_AFTER"):  # the shipped values: the rules' thresholds
                 daemon_env.pop(shortened)
             started.append(Process(probe_command("run", "--config", "config.toml", "--listen",
                                                  f"127.0.0.1:{ports[env]}"), cwd=ROOT, env=daemon_env))
-        for (env, port), daemon in zip(ports.items(), started[-len(ports):]):
+        for port, daemon in zip(ports.values(), started[-len(ports):]):
             wait_for_port(port, daemon, timeout=60)
-        prometheus, _ = start_prometheus(tmp_path / "prometheus", list(ports.values()),
-                                         rule_files=fast_rules(tmp_path / "rules"), alertmanager=am_url)
-        started.append(prometheus)
         yield am_url, webhooks
     finally:
         for process in started:  # all asked at once, then each waited for: the stops overlap
