@@ -12,13 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,22 +23,13 @@ import pytest
 import yaml
 
 from deploy.mixin import config
-from deploy.mixin.generate import ALERTMANAGER_FILE, RULES_DIR, generate
-from tests.conftest import ROOT, Process, free_port, http_get, port_open, probe_command, wait_for, wait_for_port
+from deploy.mixin.generate import RULES_DIR, generate
+from tests.conftest import ROOT, Process, free_port, port_open, probe_command, wait_for, wait_for_port
+from tests.observability import (ALERTMANAGER_YML, RULE_FILES, Webhooks, binary, prometheus_api, start_alertmanager,
+                                 start_prometheus, start_webhooks, stop_webhooks)
 
-RULE_FILES = sorted((ROOT / RULES_DIR).glob("*.yml"))
 UNIT_TESTS = sorted((ROOT / "deploy/prometheus/tests").glob("*.yml"))
-ALERTMANAGER_YML = ROOT / ALERTMANAGER_FILE
 RUNBOOKS = ROOT / "deploy/runbooks/README.md"
-
-
-def binary(*names: str) -> str:
-    for name in names:
-        found = shutil.which(name)
-        if found:
-            return found
-    pytest.skip(f"{names[0]} is not installed (scripts/test.sh installs it: Debian packages prometheus, "
-                "prometheus-alertmanager)")
 
 
 def alert_rules(path: Path | None = None) -> list[dict[str, Any]]:
@@ -270,57 +258,18 @@ def test_alerts_are_routed_by_severity(labels: list[str], receiver: str) -> None
     assert routed.stdout.strip() == receiver
 
 
-class _Webhooks(ThreadingHTTPServer):
-    """Two local webhook receivers in one server: /pager and /ticket, each keeping the notifications it got."""
-
-    def __init__(self) -> None:
-        self.received: dict[str, list[dict[str, Any]]] = {"/pager": [], "/ticket": []}
-        self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _WebhookHandler)
-
-    def alert_names(self, path: str) -> set[tuple[str, str]]:
-        with self.lock:
-            return {(a["labels"]["alertname"], a["labels"].get("channel", ""))
-                    for n in self.received[path] for a in n["alerts"]}
-
-
-class _WebhookHandler(BaseHTTPRequestHandler):
-    server: _Webhooks
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with self.server.lock:
-            self.server.received.setdefault(self.path, []).append(body)
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def alertmanager(tmp_path: Path) -> Iterator[tuple[str, _Webhooks]]:
+def alertmanager(tmp_path: Path) -> Iterator[tuple[str, Webhooks]]:
     """The shipped example, its receivers pointed at local webhooks and its group_wait shortened to a second."""
-    program = binary("alertmanager", "prometheus-alertmanager")
-    webhooks = _Webhooks()
-    threading.Thread(target=webhooks.serve_forever, daemon=True).start()
-    example = yaml.safe_load(ALERTMANAGER_YML.read_text())
-    hooks = {config.ALERTMANAGER_RECEIVERS["page"]: "/pager", config.ALERTMANAGER_RECEIVERS["ticket"]: "/ticket"}
-    for receiver in example["receivers"]:
-        receiver["webhook_configs"][0]["url"] = f"http://127.0.0.1:{webhooks.server_port}{hooks[receiver['name']]}"
-    example["route"].update(group_wait="1s", group_interval="1s")
-    config_file = tmp_path / "alertmanager.yml"
-    config_file.write_text(yaml.safe_dump(example))
-    port = free_port()
-    process = Process([program, f"--config.file={config_file}", f"--storage.path={tmp_path / 'data'}",
-                       f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn"])
+    webhooks = start_webhooks()
     try:
-        wait_for_port(port, process)
-        yield f"http://127.0.0.1:{port}", webhooks
+        process, url = start_alertmanager(tmp_path, webhooks, group_wait="1s", group_interval="1s")
+        try:
+            yield url, webhooks
+        finally:
+            process.stop()
     finally:
-        process.stop()
-        webhooks.shutdown()
-        webhooks.server_close()
+        stop_webhooks(webhooks)
 
 
 def post_alerts(base: str, alerts: list[dict[str, str]]) -> None:
@@ -340,7 +289,7 @@ def alert_states(base: str) -> dict[tuple[str, ...], list[str]]:
     }
 
 
-def test_alertmanager_inhibits_the_consequences_and_routes_the_rest(alertmanager: tuple[str, _Webhooks]) -> None:
+def test_alertmanager_inhibits_the_consequences_and_routes_the_rest(alertmanager: tuple[str, Webhooks]) -> None:
     base, webhooks = alertmanager
     prod = {"environment": "prod"}
     post_alerts(base, [
@@ -406,32 +355,14 @@ def test_alertmanager_inhibits_the_consequences_and_routes_the_rest(alertmanager
 
 # --- a real Prometheus on the daemon's real series ------------------------------------------------------------------
 
-def prometheus_api(base: str, path: str) -> Any:
-    with urllib.request.urlopen(f"{base}/api/v1/{path}", timeout=10) as response:
-        return json.load(response)["data"]
-
-
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[Any]:
     """Starts Prometheus (rules loaded, evaluated every second) scraping the given daemon ports; returns its URL."""
-    program = binary("prometheus")
     started: list[Process] = []
 
     def start(*targets: int) -> str:
-        config_file = tmp_path / "prometheus.yml"
-        config_file.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(p) for p in RULE_FILES],
-            "scrape_configs": [{"job_name": "channel-canary",
-                                "static_configs": [{"targets": [f"127.0.0.1:{t}" for t in targets]}]}],
-        }))
-        port = free_port()
-        process = Process([program, f"--config.file={config_file}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                           f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"])
+        process, url = start_prometheus(tmp_path, list(targets))
         started.append(process)
-        wait_for_port(port, process, timeout=30)
-        url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: http_get(f"{url}/-/ready")[0] == 200, timeout=30, what="Prometheus ready")
         return url
 
     try:
@@ -533,7 +464,7 @@ to_number = "+14155238886"
             (a["labels"]["alertname"], a["labels"]["probe"], a["labels"]["severity"])
             for a in prometheus_api(base, "alerts")["alerts"] if a["state"] == "firing"
         }, timeout=30, what="the security page firing")
-        # The health fault shows once api-health has failed, been scraped and been evaluated: wait for it too.
+        # The health check runs on its own 2 s slot: its failure may reach the rules a run after the webhook's.
         wait_for(lambda: ("CanaryPlatformDown", "api-health") in {
             (a["labels"]["alertname"], a["labels"].get("probe", "")) for a in prometheus_api(base, "alerts")["alerts"]
             if a["state"] == "pending"
