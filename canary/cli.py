@@ -16,6 +16,7 @@ from typing import Any, Coroutine, Sequence
 from canary import __version__
 from canary.config import Config, ConfigError, load_config
 from canary.contract import parse_host_port
+from canary.logs import FORMATS, LEVELS
 from canary.sharding import EVERYTHING, Shard, ShardError, check_spec, resolve, select
 from probes import PROBE_TYPES, build_probe
 
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--state.dir", dest="state_dir", metavar="DIR", help="keep the status page's uptime history in DIR across restarts (overrides [daemon].state_dir)")
     run.add_argument("--shard", type=_shard_spec, metavar="I/N|auto", help="run only shard I of N of the probes (overrides [daemon].shard); "
                      "auto: I from the host name's StatefulSet ordinal, N from $CANARY_SHARDS")
+    run.add_argument("--log.level", dest="log_level", choices=LEVELS, help="log level (overrides [daemon].log_level, also on reload)")
+    run.add_argument("--log.format", dest="log_format", choices=FORMATS, default="text",
+                     help="text (default): a sentence per line; logfmt or json: one record per line with each probe event's fields")
 
     check = commands.add_parser("check-config", parents=[common], help="validate a config file and exit")
     check.add_argument("path", nargs="?", help="config file to check")
@@ -111,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"web config error:\n{exc}", file=sys.stderr)
             return EXIT_USAGE
         return _run_async(Daemon(config, PROBE_TYPES, build_probe, listen=args.listen, web_security=web_security,
-                                    state_dir=args.state_dir, shard=shard).serve())
+                                    state_dir=args.state_dir, shard=shard, log_level=args.log_level,
+                                    log_format=args.log_format).serve())
     return _once(config, args)
 
 

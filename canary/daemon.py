@@ -13,6 +13,7 @@ from typing import Callable, Mapping
 
 from aiohttp import web
 
+from canary.logs import formatter
 from canary.config import Config, ConfigError, load_config
 from canary.scheduler import ProbeBuildError, Scheduler
 from canary.scrub import Scrubber, ScrubbingFilter
@@ -28,10 +29,12 @@ from canary.contract import RUNNER_REASONS, Probe, ProbeSettings, parse_host_por
 log = logging.getLogger("canary.daemon")
 
 
-def configure_logging(level: str, scrubber: Scrubber) -> ScrubbingFilter:
-    """Log to stderr through a filter that scrubs every record; returns the filter so reloads can update it."""
+def configure_logging(level: str, scrubber: Scrubber, log_format: str = "text") -> ScrubbingFilter:
+    """Log to stderr through a filter that scrubs every record; returns the filter so reloads can update it.
+
+    The filter sits on the handler, so it runs before the formatter (text, logfmt or json) renders anything."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(formatter(log_format))
     scrub_filter = ScrubbingFilter(scrubber)
     handler.addFilter(scrub_filter)
     root = logging.getLogger()
@@ -53,6 +56,8 @@ class Daemon:
         web_security: WebSecurity | None = None,
         state_dir: str | None = None,
         shard: Shard = EVERYTHING,
+        log_level: str | None = None,
+        log_format: str = "text",
     ) -> None:
         self.config = config
         self.shard = shard  # fixed for the process's life; every (re)load runs only this shard's probes
@@ -75,7 +80,8 @@ class Daemon:
         # The status page's uptime buckets, saved under the state directory (the flag's, else the config's).
         self.uptime = UptimeBook.in_directory(state_dir or config.daemon.state_dir)
         self.store.add_listener(self.uptime.observe)
-        self._scrub_filter = configure_logging(config.daemon.log_level, config.scrubber())
+        self._log_level = log_level  # --log.level: wins over [daemon] log_level, at start and on every reload
+        self._scrub_filter = configure_logging(log_level or config.daemon.log_level, config.scrubber(), log_format)
 
     async def serve(self) -> int:
         """Run until SIGTERM/SIGINT; the exit code: 0 stopped, 1 cannot listen, 2 a probe could not be built."""
@@ -172,7 +178,7 @@ class Daemon:
         probes = select(config.probes, self.shard.index, self.shard.count)
         await scheduler.apply(probes, daemon.jitter, config.scrubber())
         self._scrub_filter.scrubber = config.scrubber()
-        logging.getLogger().setLevel(daemon.log_level.upper())
+        logging.getLogger().setLevel((self._log_level or daemon.log_level).upper())
         self.store.sync(probes, daemon.latency_buckets, daemon.history)
         self.exposition.configure(daemon.labels, daemon.latency_buckets)
         self.uptime.keep(record.settings.name for record in self.store.records())

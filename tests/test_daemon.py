@@ -239,3 +239,94 @@ async def test_a_reload_applies_the_new_log_level(tmp_path: Path) -> None:
     finally:
         await scheduler.stop(0)
         logging.getLogger().setLevel(logging.WARNING)
+
+
+def parse_logfmt(line: str) -> dict[str, str]:
+    import re
+
+    return {key: json.loads(value) if value.startswith('"') else value
+            for key, value in re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', line)}
+
+
+@pytest.mark.parametrize("log_format", ["json", "logfmt"])
+def test_structured_logs_carry_each_probe_event_and_the_log_level_flag_survives_a_reload(
+    tmp_path: Path, sandbox_process: str, log_format: str
+) -> None:
+    warning_probe = """
+        [[probes]]
+        name = "optional"
+        type = "tcp"
+        channel = "queue"
+        severity = "warning"
+        interval = "1s"
+        timeout = "500ms"
+        host = "127.0.0.1"
+        port = {port}
+    """.format(port=free_port())
+    text = config_text(sandbox_process, free_port(), extra=warning_probe).replace('[daemon]', '[daemon]\n        log_level = "error"')
+    path = write_config(tmp_path, text)
+    port = free_port()
+    process = Process(probe_command("run", "--config", str(path), "--listen", f"127.0.0.1:{port}",
+                                    "--log.format", log_format, "--log.level", "info"), cwd=ROOT)
+    parse = json.loads if log_format == "json" else parse_logfmt
+    try:
+        wait_for_port(port, process)
+
+        def records() -> list[dict]:  # type: ignore[type-arg]
+            return [parse(line) for line in process.output().splitlines() if line.strip()]
+
+        def event(probe: str) -> dict | None:  # type: ignore[type-arg]
+            return next((r for r in records() if r.get("probe") == probe), None)
+
+        wait_for(lambda: event("database") is not None and event("optional") is not None)
+        database, optional = event("database"), event("optional")
+        assert database["level"] == "error" and optional["level"] == "warning"
+        assert {k: database[k] for k in ("probe", "channel", "type", "severity")} == {
+            "probe": "database", "channel": "database", "type": "postgres", "severity": "critical"}
+        assert database["reason"] != "ok" and float(database["duration_seconds"]) >= 0
+        assert optional["severity"] == "warning" and optional["type"] == "tcp"
+        assert database["msg"].startswith("probe database failed (channel database, reason ")
+        # The flag's "info" beats the file's "error", and still does after a reload.
+        assert any(r["msg"].startswith("channel-canary serving on") for r in records())
+        process.popen.send_signal(signal.SIGHUP)
+        wait_for(lambda: any(r["msg"].startswith("config reloaded") for r in records()))
+        assert SECRET_PASSWORD not in process.output() and SECRET_TOKEN not in process.output()
+    finally:
+        process.stop()
+
+
+@pytest.mark.parametrize("log_format", ["json", "logfmt"])
+def test_structured_logs_scrub_the_message_and_the_event_fields(log_format: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from canary.contract import Scrubber
+    from canary.daemon import configure_logging
+
+    configure_logging("info", Scrubber([SECRET_PASSWORD]), log_format)
+    try:
+        logging.getLogger("canary.scheduler").error(
+            "probe x failed: login with %s refused", SECRET_PASSWORD,
+            extra={"probe": "x", "channel": "api", "type": "http", "severity": "critical",
+                   "reason": f"auth {SECRET_PASSWORD}", "duration_seconds": 0.25},
+        )
+    finally:
+        logging.getLogger().handlers[:] = []
+    line = capsys.readouterr().err.strip()
+    assert SECRET_PASSWORD not in line
+    record = json.loads(line) if log_format == "json" else parse_logfmt(line)
+    assert record["msg"] == "probe x failed: login with *** refused" and record["reason"] == "auth ***"
+    assert float(record["duration_seconds"]) == 0.25 and record["level"] == "error" and record["probe"] == "x"
+
+
+def test_text_logs_keep_their_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from canary.contract import Scrubber
+    from canary.daemon import configure_logging
+
+    configure_logging("info", Scrubber(), "text")
+    try:
+        logging.getLogger("canary.scheduler").info("probe x recovered (channel api)", extra={"probe": "x", "reason": "ok"})
+    finally:
+        logging.getLogger().handlers[:] = []
+    assert capsys.readouterr().err.strip().endswith("INFO canary.scheduler: probe x recovered (channel api)")
