@@ -27,6 +27,7 @@ DEFAULT_CONFIG = os.environ.get("CANARY_CONFIG", "config.toml")
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", default=argparse.SUPPRESS, help=f"config file (default: {DEFAULT_CONFIG}, or $CANARY_CONFIG)")
+    common.add_argument("--config.file", dest="config", default=argparse.SUPPRESS, help="alias of --config (the Prometheus exporters' name)")
 
     parser = argparse.ArgumentParser(prog="probe", parents=[common], description="Synthetic canary traffic for a support platform, exported to Prometheus.")
     parser.add_argument("--version", action="version", version=f"channel-canary {__version__}")
@@ -38,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", parents=[common], help="run the daemon: schedule probes and serve /metrics")
     run.add_argument("--listen", type=_listen_address, help="address to serve on, HOST:PORT (overrides [daemon].listen)")
+    run.add_argument("--web.listen-address", dest="listen", type=_listen_address, help="alias of --listen (the Prometheus exporters' name)")
     run.add_argument("--web.config.file", dest="web_config_file", metavar="FILE", help="exporter-toolkit web config: TLS, basic auth, headers")
     run.add_argument("--state.dir", dest="state_dir", metavar="DIR", help="keep the status page's uptime history in DIR across restarts (overrides [daemon].state_dir)")
     run.add_argument("--shard", type=_shard_spec, metavar="I/N|auto", help="run only shard I of N of the probes (overrides [daemon].shard); "

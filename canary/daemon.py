@@ -69,8 +69,9 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[bool]] = set()  # reloads started by SIGHUP, referenced until done
         self._ready = False
+        self.last_reload_error = ""  # why the last reload failed, for POST /-/reload's answer
         self._hurried = False  # a second stop signal came: the stop must not wait for runs in flight
-        self.metrics = DaemonMetrics(shard.index, shard.count)
+        self.metrics = DaemonMetrics(shard.index, shard.count, config.daemon.labels)
         self.store = ResultStore(
             config.daemon.latency_buckets, config.daemon.history,
             reasons_for=lambda type_name: (*RUNNER_REASONS, *probe_types[type_name].reasons),
@@ -100,7 +101,8 @@ class Daemon:
         self.metrics.config_loaded(True, running)
 
         app = build_exporter_app(
-            ExporterSources(self.store, self.exposition, self.metrics, lambda: self._ready, uptime=self.uptime)
+            ExporterSources(self.store, self.exposition, self.metrics, lambda: self._ready, uptime=self.uptime,
+                            reload=lambda: self._reload_from_web(scheduler))
         )
         self.web.install(app, OPEN_PATHS)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -149,6 +151,10 @@ class Daemon:
             scheduler.hurry()
         self._stop.set()
 
+    async def _reload_from_web(self, scheduler: Scheduler) -> str | None:
+        """`POST /-/reload`: the SIGHUP reload; None when it applied, else its (scrubbed) error."""
+        return None if await self.reload(scheduler) else self.config.scrubber()(self.last_reload_error)
+
     async def reload(self, scheduler: Scheduler) -> bool:
         async with self._reload_lock:
             try:
@@ -158,7 +164,8 @@ class Daemon:
             except (ConfigError, ProbeBuildError) as exc:
                 self.metrics.config_loaded(False)
                 where = "" if isinstance(exc, ConfigError) else f"{self.config.path}: "
-                log.error("config reload failed; the last good config keeps running:\n%s%s", where, exc)
+                self.last_reload_error = f"{where}{exc}"
+                log.error("config reload failed; the last good config keeps running:\n%s", self.last_reload_error)
                 return False
             self.web.apply(web_config)
             if config.daemon.state_dir != self.config.daemon.state_dir:
@@ -181,6 +188,7 @@ class Daemon:
         logging.getLogger().setLevel((self._log_level or daemon.log_level).upper())
         self.store.sync(probes, daemon.latency_buckets, daemon.history)
         self.exposition.configure(daemon.labels, daemon.latency_buckets)
+        self.metrics.set_labels(daemon.labels)
         self.uptime.keep(record.settings.name for record in self.store.records())
         if daemon.listen != self.config.daemon.listen:
             log.warning("the listen address changed to %s; it takes effect on restart", daemon.listen)
