@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import socket
 import sys
@@ -116,9 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"web config error:\n{exc}", file=sys.stderr)
             return EXIT_USAGE
-        return _run_async(Daemon(config, PROBE_TYPES, build_probe, listen=args.listen, web_security=web_security,
-                                    state_dir=args.state_dir, shard=shard, log_level=args.log_level,
-                                    log_format=args.log_format).serve())
+        code = _run_async(Daemon(config, PROBE_TYPES, build_probe, listen=args.listen, web_security=web_security,
+                                 state_dir=args.state_dir, shard=shard, log_level=args.log_level,
+                                 log_format=args.log_format).serve())
+        if code == EXIT_OK:  # only now: the server, every probe and the event loop itself are closed
+            logging.getLogger("canary.daemon").info("stopped")
+        return code
     return _once(config, args)
 
 
@@ -126,7 +130,8 @@ def _load(path: Path) -> Config | None:
     try:
         return load_config(path, PROBE_TYPES)
     except ConfigError as exc:
-        print(f"config error:\n{exc}", file=sys.stderr)
+        hint = "" if path.exists() else f"\n(choose the config file with --config FILE or $CANARY_CONFIG; the default is {DEFAULT_CONFIG})"
+        print(f"config error:\n{exc}{hint}", file=sys.stderr)
         return None
 
 

@@ -135,8 +135,7 @@ class Daemon:
         await runner.cleanup()
         for handled in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(handled)
-        log.info("stopped")
-        return 0
+        return 0  # `probe run` logs "stopped" once the event loop is closed too
 
     def _reload_in_background(self, scheduler: Scheduler) -> None:
         task = asyncio.get_running_loop().create_task(self.reload(scheduler), name="reload")
