@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import socket
 import sys
@@ -16,6 +17,7 @@ from typing import Any, Coroutine, Sequence
 from canary import __version__
 from canary.config import Config, ConfigError, load_config
 from canary.contract import parse_host_port
+from canary.logs import FORMATS, LEVELS
 from canary.sharding import EVERYTHING, Shard, ShardError, check_spec, resolve, select
 from probes import PROBE_TYPES, build_probe
 
@@ -26,6 +28,7 @@ DEFAULT_CONFIG = os.environ.get("CANARY_CONFIG", "config.toml")
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", default=argparse.SUPPRESS, help=f"config file (default: {DEFAULT_CONFIG}, or $CANARY_CONFIG)")
+    common.add_argument("--config.file", dest="config", default=argparse.SUPPRESS, help="alias of --config (the Prometheus exporters' name)")
 
     parser = argparse.ArgumentParser(prog="probe", parents=[common], description="Synthetic canary traffic for a support platform, exported to Prometheus.")
     parser.add_argument("--version", action="version", version=f"channel-canary {__version__}")
@@ -37,10 +40,14 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", parents=[common], help="run the daemon: schedule probes and serve /metrics")
     run.add_argument("--listen", type=_listen_address, help="address to serve on, HOST:PORT (overrides [daemon].listen)")
+    run.add_argument("--web.listen-address", dest="listen", type=_listen_address, help="alias of --listen (the Prometheus exporters' name)")
     run.add_argument("--web.config.file", dest="web_config_file", metavar="FILE", help="exporter-toolkit web config: TLS, basic auth, headers")
     run.add_argument("--state.dir", dest="state_dir", metavar="DIR", help="keep the status page's uptime history in DIR across restarts (overrides [daemon].state_dir)")
     run.add_argument("--shard", type=_shard_spec, metavar="I/N|auto", help="run only shard I of N of the probes (overrides [daemon].shard); "
                      "auto: I from the host name's StatefulSet ordinal, N from $CANARY_SHARDS")
+    run.add_argument("--log.level", dest="log_level", choices=LEVELS, help="log level (overrides [daemon].log_level, also on reload)")
+    run.add_argument("--log.format", dest="log_format", choices=FORMATS, default="text",
+                     help="text (default): a sentence per line; logfmt or json: one record per line with each probe event's fields")
 
     check = commands.add_parser("check-config", parents=[common], help="validate a config file and exit")
     check.add_argument("path", nargs="?", help="config file to check")
@@ -110,8 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"web config error:\n{exc}", file=sys.stderr)
             return EXIT_USAGE
-        return _run_async(Daemon(config, PROBE_TYPES, build_probe, listen=args.listen, web_security=web_security,
-                                    state_dir=args.state_dir, shard=shard).serve())
+        code = _run_async(Daemon(config, PROBE_TYPES, build_probe, listen=args.listen, web_security=web_security,
+                                 state_dir=args.state_dir, shard=shard, log_level=args.log_level,
+                                 log_format=args.log_format).serve())
+        if code == EXIT_OK:  # only now: the server, every probe and the event loop itself are closed
+            logging.getLogger("canary.daemon").info("stopped")
+        return code
     return _once(config, args)
 
 
@@ -119,7 +130,8 @@ def _load(path: Path) -> Config | None:
     try:
         return load_config(path, PROBE_TYPES)
     except ConfigError as exc:
-        print(f"config error:\n{exc}", file=sys.stderr)
+        hint = "" if path.exists() else f"\n(choose the config file with --config FILE or $CANARY_CONFIG; the default is {DEFAULT_CONFIG})"
+        print(f"config error:\n{exc}{hint}", file=sys.stderr)
         return None
 
 

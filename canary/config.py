@@ -6,6 +6,7 @@ found, each as `FILE: KEY.PATH: what is wrong`. Nothing in an error ever shows a
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -222,11 +223,11 @@ def _validate(model: type[BaseModel], data: dict[str, Any], where: str, problems
     except ValidationError as exc:
         secret_fields = _secret_fields(model)
         for error in exc.errors(include_url=False):
-            problems.append(_describe_error(where, error, secret_fields))
+            problems.append(_describe_error(where, error, secret_fields, model))
         return None
 
 
-def _describe_error(where: str, error: Any, secret_fields: set[str]) -> str:
+def _describe_error(where: str, error: Any, secret_fields: set[str], model: type[BaseModel] | None = None) -> str:
     path = where
     for part in error["loc"]:
         if isinstance(part, int):
@@ -235,7 +236,8 @@ def _describe_error(where: str, error: Any, secret_fields: set[str]) -> str:
             path += f".{part}" if path else str(part)
     kind = error["type"]
     if kind == "extra_forbidden":
-        return f"{path}: unknown key"
+        nearest = _nearest_key(model, error["loc"]) if model is not None else None
+        return f"{path}: unknown key" + (f"; did you mean {nearest!r}?" if nearest else "")
     if kind == "missing":
         return f"{path}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
@@ -244,6 +246,19 @@ def _describe_error(where: str, error: Any, secret_fields: set[str]) -> str:
     if kind != "value_error" and not is_secret and isinstance(value, (str, int, float, bool)) and len(str(value)) <= 80:
         message += f" (got {value!r})"
     return f"{path}: {message}"
+
+
+def _nearest_key(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """The key of the model (or of the sub-model `loc` leads to) that an unknown key is most likely a typo of."""
+    for part in loc[:-1]:  # walk down to the model that holds the unknown key
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None  # a list or a mapping on the way: no single model to compare against
+        model = annotation
+    names = [alias for name, field in model.model_fields.items() for alias in (name, field.alias) if alias]
+    match = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    return match[0] if match else None
 
 
 def _expand(value: Any, where: str, environ: Mapping[str, str], problems: list[str]) -> Any:

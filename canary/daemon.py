@@ -13,6 +13,7 @@ from typing import Callable, Mapping
 
 from aiohttp import web
 
+from canary.logs import formatter
 from canary.config import Config, ConfigError, load_config
 from canary.scheduler import ProbeBuildError, Scheduler
 from canary.scrub import Scrubber, ScrubbingFilter
@@ -28,10 +29,12 @@ from canary.contract import RUNNER_REASONS, Probe, ProbeSettings, parse_host_por
 log = logging.getLogger("canary.daemon")
 
 
-def configure_logging(level: str, scrubber: Scrubber) -> ScrubbingFilter:
-    """Log to stderr through a filter that scrubs every record; returns the filter so reloads can update it."""
+def configure_logging(level: str, scrubber: Scrubber, log_format: str = "text") -> ScrubbingFilter:
+    """Log to stderr through a filter that scrubs every record; returns the filter so reloads can update it.
+
+    The filter sits on the handler, so it runs before the formatter (text, logfmt or json) renders anything."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(formatter(log_format))
     scrub_filter = ScrubbingFilter(scrubber)
     handler.addFilter(scrub_filter)
     root = logging.getLogger()
@@ -53,6 +56,8 @@ class Daemon:
         web_security: WebSecurity | None = None,
         state_dir: str | None = None,
         shard: Shard = EVERYTHING,
+        log_level: str | None = None,
+        log_format: str = "text",
     ) -> None:
         self.config = config
         self.shard = shard  # fixed for the process's life; every (re)load runs only this shard's probes
@@ -64,8 +69,9 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[bool]] = set()  # reloads started by SIGHUP, referenced until done
         self._ready = False
+        self.last_reload_error = ""  # why the last reload failed, for POST /-/reload's answer
         self._hurried = False  # a second stop signal came: the stop must not wait for runs in flight
-        self.metrics = DaemonMetrics(shard.index, shard.count)
+        self.metrics = DaemonMetrics(shard.index, shard.count, config.daemon.labels)
         self.store = ResultStore(
             config.daemon.latency_buckets, config.daemon.history,
             reasons_for=lambda type_name: (*RUNNER_REASONS, *probe_types[type_name].reasons),
@@ -75,7 +81,8 @@ class Daemon:
         # The status page's uptime buckets, saved under the state directory (the flag's, else the config's).
         self.uptime = UptimeBook.in_directory(state_dir or config.daemon.state_dir)
         self.store.add_listener(self.uptime.observe)
-        self._scrub_filter = configure_logging(config.daemon.log_level, config.scrubber())
+        self._log_level = log_level  # --log.level: wins over [daemon] log_level, at start and on every reload
+        self._scrub_filter = configure_logging(log_level or config.daemon.log_level, config.scrubber(), log_format)
 
     async def serve(self) -> int:
         """Run until SIGTERM/SIGINT; the exit code: 0 stopped, 1 cannot listen, 2 a probe could not be built."""
@@ -94,7 +101,8 @@ class Daemon:
         self.metrics.config_loaded(True, running)
 
         app = build_exporter_app(
-            ExporterSources(self.store, self.exposition, self.metrics, lambda: self._ready, uptime=self.uptime)
+            ExporterSources(self.store, self.exposition, self.metrics, lambda: self._ready, uptime=self.uptime,
+                            reload=lambda: self._reload_from_web(scheduler))
         )
         self.web.install(app, OPEN_PATHS)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -127,8 +135,7 @@ class Daemon:
         await runner.cleanup()
         for handled in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(handled)
-        log.info("stopped")
-        return 0
+        return 0  # `probe run` logs "stopped" once the event loop is closed too
 
     def _reload_in_background(self, scheduler: Scheduler) -> None:
         task = asyncio.get_running_loop().create_task(self.reload(scheduler), name="reload")
@@ -143,6 +150,10 @@ class Daemon:
             scheduler.hurry()
         self._stop.set()
 
+    async def _reload_from_web(self, scheduler: Scheduler) -> str | None:
+        """`POST /-/reload`: the SIGHUP reload; None when it applied, else its (scrubbed) error."""
+        return None if await self.reload(scheduler) else self.config.scrubber()(self.last_reload_error)
+
     async def reload(self, scheduler: Scheduler) -> bool:
         async with self._reload_lock:
             try:
@@ -152,7 +163,8 @@ class Daemon:
             except (ConfigError, ProbeBuildError) as exc:
                 self.metrics.config_loaded(False)
                 where = "" if isinstance(exc, ConfigError) else f"{self.config.path}: "
-                log.error("config reload failed; the last good config keeps running:\n%s%s", where, exc)
+                self.last_reload_error = f"{where}{exc}"
+                log.error("config reload failed; the last good config keeps running:\n%s", self.last_reload_error)
                 return False
             self.web.apply(web_config)
             if config.daemon.state_dir != self.config.daemon.state_dir:
@@ -172,9 +184,10 @@ class Daemon:
         probes = select(config.probes, self.shard.index, self.shard.count)
         await scheduler.apply(probes, daemon.jitter, config.scrubber())
         self._scrub_filter.scrubber = config.scrubber()
-        logging.getLogger().setLevel(daemon.log_level.upper())
+        logging.getLogger().setLevel((self._log_level or daemon.log_level).upper())
         self.store.sync(probes, daemon.latency_buckets, daemon.history)
         self.exposition.configure(daemon.labels, daemon.latency_buckets)
+        self.metrics.set_labels(daemon.labels)
         self.uptime.keep(record.settings.name for record in self.store.records())
         if daemon.listen != self.config.daemon.listen:
             log.warning("the listen address changed to %s; it takes effect on restart", daemon.listen)

@@ -135,11 +135,16 @@ def as_table(outcomes: list[Outcome], message_width: int = 90) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
     verdicts = [o.verdict for o in outcomes]
-    warned = f", {verdicts.count('WARN')} warnings" if "WARN" in verdicts else ""
-    lines.append(f"\n{verdicts.count('PASS')} probes passed, {verdicts.count('FAIL')} failed{warned}")
+    warned = f", {_count(verdicts.count('WARN'), 'warning')}" if "WARN" in verdicts else ""
+    lines.append(f"\n{_count(verdicts.count('PASS'), 'probe')} passed, {_count(verdicts.count('FAIL'), 'probe')} failed{warned}")
     return "\n".join(line.rstrip() for line in lines)
 
 
 def _clip(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _count(number: int, noun: str) -> str:
+    """"1 probe", "2 probes", "0 probes"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"

@@ -196,14 +196,21 @@ class Scheduler:
                 slot += missed * interval
 
     def _note_transition(self, settings: ProbeSettings, result) -> None:  # type: ignore[no-untyped-def]
+        """Log a failure (ERROR for a critical probe, WARNING for a warning one) or a recovery (INFO), once each,
+        with the probe's fields as the record's attributes for the logfmt and json formats."""
         record = self._store.get(settings.name)
         previous = record.latest if record is not None else None
+        fields = {
+            "probe": settings.name, "channel": settings.channel, "type": settings.type, "severity": settings.severity,
+            "reason": result.reason, "duration_seconds": round(result.duration_seconds, 6),
+        }
         if result.success and previous is not None and not previous.success:
-            log.info("probe %s recovered (channel %s)", settings.name, settings.channel)
+            log.info("probe %s recovered (channel %s)", settings.name, settings.channel, extra=fields)
         elif not result.success and (previous is None or previous.success or previous.reason != result.reason):
-            log.warning(
+            log.log(
+                logging.ERROR if settings.severity == "critical" else logging.WARNING,
                 "probe %s failed (channel %s, reason %s): %s",
-                settings.name, settings.channel, result.reason, result.message,
+                settings.name, settings.channel, result.reason, result.message, extra=fields,
             )
 
     async def stop(self, grace: float) -> None:

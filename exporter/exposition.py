@@ -126,8 +126,14 @@ class ProbeExposition:
         # Stored encoded: a scrape then joins bytes once, with no str building or encoding of 30 MB.
         self._cache[settings.name] = (record, record.version, {name: text.encode() for name, text in out.items()})
 
-    def exposition(self, records: list[ProbeRecord], channels: Mapping[str, ChannelState], prefix: bytes = b"") -> bytes:
-        """`prefix` (the daemon's own metrics), then the channel families and every probe family, as one body."""
+    def exposition(
+        self, records: list[ProbeRecord], channels: Mapping[str, ChannelState], prefix: bytes = b"", openmetrics: bool = False
+    ) -> bytes:
+        """`prefix` (the daemon's own metrics), then the channel families and every probe family, as one body.
+
+        `openmetrics`: the headers in the OpenMetrics form (a counter's family is named without its `_total`, HELP
+        escapes `"`) and the closing `# EOF`; `prefix` must then be OpenMetrics too, without its `# EOF`. The
+        samples are the same in both formats."""
         fragments: list[dict[str, bytes]] = []
         fresh: dict[str, tuple[ProbeRecord, int, dict[str, bytes]]] = {}
         for record in records:
@@ -147,5 +153,11 @@ class ProbeExposition:
             header = len(parts)
             parts.extend(out[name] for out in fragments if name in out)
             if len(parts) > header:
-                parts.insert(header, f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n".encode())
+                family = name
+                if openmetrics:
+                    family = name.removesuffix("_total") if kind == "counter" else name
+                    help_text = help_text.replace('"', '\\"')
+                parts.insert(header, f"# HELP {family} {help_text}\n# TYPE {family} {kind}\n".encode())
+        if openmetrics:
+            parts.append(b"# EOF\n")
         return b"".join(parts)

@@ -1,9 +1,9 @@
-"""The daemon's HTTP face: /metrics, /healthz, /readyz, / (status page) and /status.json."""
+"""The daemon's HTTP face: /metrics, /healthz, /readyz, / (status page), /status.json and POST /-/reload."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 from aiohttp import web
 
@@ -14,6 +14,7 @@ from exporter.self_metrics import DaemonMetrics
 from exporter.status_page import render_status_page, status_json
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 @dataclass
@@ -25,10 +26,13 @@ class ExporterSources:
     daemon_metrics: DaemonMetrics
     is_ready: Callable[[], bool]
     uptime: UptimeBook | None = None  # hourly buckets for the status page's uptime figures; None shows none
+    # What `POST /-/reload` runs: the same reload as SIGHUP, answering None when it applied, else why it did not.
+    reload: Callable[[], Awaitable[str | None]] | None = None
 
 
 SOURCES = web.AppKey("sources", ExporterSources)
 # Open even when the web config asks for basic auth: kubelet liveness and readiness probes cannot send credentials.
+# Everything else, /-/reload included, asks for the same credentials as /metrics.
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
@@ -40,15 +44,37 @@ def build_exporter_app(sources: ExporterSources) -> web.Application:
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/status.json", _status_json)
     app.router.add_get("/", _status_page)
+    if sources.reload is not None:
+        app.router.add_post("/-/reload", _reload)
     return app
+
+
+def wants_openmetrics(accept: str) -> bool:
+    """Whether a scraper's Accept header asks for OpenMetrics (and does not refuse it with q=0)."""
+    for item in accept.split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        if media.lower() == "application/openmetrics-text":
+            return not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
+    return False
 
 
 async def _metrics(request: web.Request) -> web.Response:
     sources = request.app[SOURCES]
+    openmetrics = wants_openmetrics(request.headers.get("Accept", ""))
     body = sources.probe_exposition.exposition(
-        sources.store.records(), sources.store.channels(), prefix=sources.daemon_metrics.exposition()
+        sources.store.records(), sources.store.channels(), prefix=sources.daemon_metrics.exposition(openmetrics),
+        openmetrics=openmetrics,
     )
-    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+    return web.Response(body=body, headers={"Content-Type": OPENMETRICS_CONTENT_TYPE if openmetrics else METRICS_CONTENT_TYPE})
+
+
+async def _reload(request: web.Request) -> web.Response:
+    reload = request.app[SOURCES].reload
+    assert reload is not None  # the route exists only with one
+    error = await reload()
+    if error is None:
+        return web.Response(text="config reloaded\n")
+    return web.Response(status=500, text=f"config reload failed; the last good config keeps running:\n{error}\n")
 
 
 async def _healthz(request: web.Request) -> web.Response:

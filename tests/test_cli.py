@@ -55,7 +55,7 @@ def test_once_passes_with_exit_0_and_a_readable_table(config: Path) -> None:
     lines = completed.stdout.splitlines()
     assert lines[0].split() == ["PROBE", "TYPE", "CHANNEL", "RESULT", "REASON", "TIME", "MESSAGE"]
     assert any(line.startswith("api-health ") and " PASS " in line for line in lines)
-    assert "2 probes passed, 0 failed" in completed.stdout
+    assert "2 probes passed, 0 probes failed" in completed.stdout
 
 
 def test_once_fails_with_exit_1_naming_the_broken_probe(config: Path, sandbox_process: str) -> None:
@@ -125,10 +125,11 @@ def test_config_errors_exit_2(tmp_path: Path) -> None:
     """)
     completed = probe("--once", "--config", str(path), env={"DB_PASSWORD": SECRET_PASSWORD})
     assert completed.returncode == 2
-    assert f"{path}: probes[0].intervall: unknown key" in completed.stderr
+    assert f"{path}: probes[0].intervall: unknown key; did you mean 'interval'?" in completed.stderr
     assert SECRET_PASSWORD not in completed.stderr + completed.stdout
     missing = probe("--once", "--config", str(tmp_path / "absent.toml"))
     assert missing.returncode == 2 and "absent.toml: cannot read the file" in missing.stderr
+    assert "--config" in missing.stderr and "$CANARY_CONFIG" in missing.stderr
 
 
 def test_secrets_stay_out_of_once_output(tmp_path: Path) -> None:
@@ -185,7 +186,7 @@ def test_a_failing_warning_probe_is_shown_but_does_not_fail_the_run(tmp_path: Pa
     table = probe("--once", "--config", str(path))
     assert table.returncode == 0, table.stdout
     assert any(line.startswith("optional-queue ") and " WARN " in line for line in table.stdout.splitlines())
-    assert "1 probes passed, 0 failed, 1 warnings" in table.stdout
+    assert "1 probe passed, 0 probes failed, 1 warning" in table.stdout
     report = json.loads(probe("--once", "--config", str(path), "--format", "json").stdout)
     assert (report["passed"], report["failed"], report["warnings"]) == (1, 0, 1)
     assert {r["name"]: r["severity"] for r in report["results"]} == {"api-health": "critical", "optional-queue": "warning"}

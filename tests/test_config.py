@@ -245,13 +245,19 @@ BAD_CONFIGS = [
     ),
     pytest.param(
         '[daemon]\nlisten_on = "127.0.0.1:9465"\n' + HTTP_PROBE,
-        ["daemon.listen_on: unknown key"],
+        ["daemon.listen_on: unknown key; did you mean 'listen'?"],
         id="unknown-daemon-key",
     ),
     pytest.param(
         HTTP_PROBE + HTTP_PROBE.replace('name = "api"', 'name = "api2"').replace("url =", "urll ="),
-        ["probes[1].url: required key is missing", "probes[1].urll: unknown key"],
+        ["probes[1].url: required key is missing", "probes[1].urll: unknown key; did you mean 'url'?"],
         id="unknown-probe-key",
+    ),
+    pytest.param(
+        HTTP_PROBE + 'intervall = "5s"\nsevrity = "warning"\nzzz = 1\n',
+        ["probes[0].intervall: unknown key; did you mean 'interval'?",
+         "probes[0].sevrity: unknown key; did you mean 'severity'?", "probes[0].zzz: unknown key"],
+        id="typos-suggest-the-nearest-key-and-nonsense-suggests-none",
     ),
     pytest.param(
         "[daemon]\ninterval = 30\n" + HTTP_PROBE,
@@ -498,7 +504,7 @@ def _pg_probe_with(dsn: str, *extra_lines: str) -> str:
         pytest.param(
             PG_PROBE.replace('dsn = "postgresql://postgres@', f'dns = "postgresql://postgres:{PASSWORD}@'),
             {},
-            ["probes[0].dsn: required key is missing", "probes[0].dns: unknown key"],
+            ["probes[0].dsn: required key is missing", "probes[0].dns: unknown key; did you mean 'dsn'?"],
             id="dsn-under-a-misspelt-key",
         ),
         pytest.param(

@@ -18,6 +18,7 @@ from tests.conftest import Process, ROOT, free_port, http_get, probe_command, wa
 
 SECRET_TOKEN = "sekrit-token-0451"
 SECRET_PASSWORD = "pw-Hunter2-xyz"
+ENV = frozenset({("environment", "test")})  # the static labels of config_text, on every series
 
 
 
@@ -90,7 +91,7 @@ def test_serves_results_health_and_status_page(daemon: tuple[Process, str, Path]
     assert probe_value(values, "canary_probe_success", "api-health") == 1
     assert probe_value(values, "canary_probe_success", "database") == 0
     assert values[("canary_channel_up", frozenset({("channel", "whatsapp"), ("environment", "test"), ("importance", "critical")}))] == 1
-    assert values[("canary_config_last_reload_successful", frozenset())] == 1
+    assert values[("canary_config_last_reload_successful", ENV)] == 1
     assert http_get(f"{base}/healthz")[0] == 200
     assert http_get(f"{base}/readyz")[0] == 200
 
@@ -144,7 +145,7 @@ def test_sighup_applies_a_good_config_and_keeps_the_last_good_one_on_a_broken_fi
     # A broken reload: reported, and the previous probes keep running.
     path.write_text(path.read_text().replace('type = "http"', 'type = "htp"', 1))
     process.popen.send_signal(signal.SIGHUP)
-    wait_for(lambda: metric_values(base)[("canary_config_last_reload_successful", frozenset())] == 0)
+    wait_for(lambda: metric_values(base)[("canary_config_last_reload_successful", ENV)] == 0)
     before = probe_value(metric_values(base), "canary_probe_last_run_timestamp_seconds", "api-health-2")
     wait_for(lambda: probe_value(metric_values(base), "canary_probe_last_run_timestamp_seconds", "api-health-2") > before)
     assert probe_value(metric_values(base), "canary_probe_success", "api-health") == 1
@@ -159,7 +160,8 @@ def test_sigterm_stops_cleanly_with_exit_code_zero(daemon: tuple[Process, str, P
     process.popen.send_signal(signal.SIGTERM)
     assert process.popen.wait(timeout=10) == 0
     assert time.monotonic() - started < 5
-    assert "stopped" in process.output()
+    lines = [line for line in process.output().splitlines() if line.strip()]
+    assert lines[-1].endswith("canary.daemon: stopped"), lines[-3:]  # logged last: once everything has closed
 
 
 def test_a_broken_config_at_start_exits_2_naming_the_file_and_key(tmp_path: Path) -> None:
@@ -185,7 +187,7 @@ def test_a_reload_whose_ca_file_is_missing_fails_and_the_changed_probe_keeps_its
     broken = path.read_text().replace('channel_map = "channels"', 'channel_map = "channels"\n        ca_file = "/nonexistent/ca.pem"', 1)
     path.write_text(broken.replace('interval = "1s"', 'interval = "2s"', 1))
     process.popen.send_signal(signal.SIGHUP)
-    wait_for(lambda: metric_values(base)[("canary_config_last_reload_successful", frozenset())] == 0)
+    wait_for(lambda: metric_values(base)[("canary_config_last_reload_successful", ENV)] == 0)
     assert "probes[0].ca_file: cannot load the CA file '/nonexistent/ca.pem' (No such file or directory)" in process.output()
     # The last good config still runs: api-health keeps running every 1 s.
     before = probe_value(metric_values(base), "canary_probe_runs_total", "api-health") or 0.0
@@ -239,3 +241,185 @@ async def test_a_reload_applies_the_new_log_level(tmp_path: Path) -> None:
     finally:
         await scheduler.stop(0)
         logging.getLogger().setLevel(logging.WARNING)
+
+
+def parse_logfmt(line: str) -> dict[str, str]:
+    import re
+
+    return {key: json.loads(value) if value.startswith('"') else value
+            for key, value in re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', line)}
+
+
+@pytest.mark.parametrize("log_format", ["json", "logfmt"])
+def test_structured_logs_carry_each_probe_event_and_the_log_level_flag_survives_a_reload(
+    tmp_path: Path, sandbox_process: str, log_format: str
+) -> None:
+    warning_probe = """
+        [[probes]]
+        name = "optional"
+        type = "tcp"
+        channel = "queue"
+        severity = "warning"
+        interval = "1s"
+        timeout = "500ms"
+        host = "127.0.0.1"
+        port = {port}
+    """.format(port=free_port())
+    text = config_text(sandbox_process, free_port(), extra=warning_probe).replace('[daemon]', '[daemon]\n        log_level = "error"')
+    path = write_config(tmp_path, text)
+    port = free_port()
+    process = Process(probe_command("run", "--config", str(path), "--listen", f"127.0.0.1:{port}",
+                                    "--log.format", log_format, "--log.level", "info"), cwd=ROOT)
+    parse = json.loads if log_format == "json" else parse_logfmt
+    try:
+        wait_for_port(port, process)
+
+        def records() -> list[dict]:  # type: ignore[type-arg]
+            return [parse(line) for line in process.output().splitlines() if line.strip()]
+
+        def event(probe: str) -> dict | None:  # type: ignore[type-arg]
+            return next((r for r in records() if r.get("probe") == probe), None)
+
+        wait_for(lambda: event("database") is not None and event("optional") is not None)
+        database, optional = event("database"), event("optional")
+        assert database["level"] == "error" and optional["level"] == "warning"
+        assert {k: database[k] for k in ("probe", "channel", "type", "severity")} == {
+            "probe": "database", "channel": "database", "type": "postgres", "severity": "critical"}
+        assert database["reason"] != "ok" and float(database["duration_seconds"]) >= 0
+        assert optional["severity"] == "warning" and optional["type"] == "tcp"
+        assert database["msg"].startswith("probe database failed (channel database, reason ")
+        # The flag's "info" beats the file's "error", and still does after a reload.
+        assert any(r["msg"].startswith("channel-canary serving on") for r in records())
+        process.popen.send_signal(signal.SIGHUP)
+        wait_for(lambda: any(r["msg"].startswith("config reloaded") for r in records()))
+        assert SECRET_PASSWORD not in process.output() and SECRET_TOKEN not in process.output()
+    finally:
+        process.stop()
+
+
+@pytest.mark.parametrize("log_format", ["json", "logfmt"])
+def test_structured_logs_scrub_the_message_and_the_event_fields(log_format: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from canary.contract import Scrubber
+    from canary.daemon import configure_logging
+
+    configure_logging("info", Scrubber([SECRET_PASSWORD]), log_format)
+    try:
+        logging.getLogger("canary.scheduler").error(
+            "probe x failed: login with %s refused", SECRET_PASSWORD,
+            extra={"probe": "x", "channel": "api", "type": "http", "severity": "critical",
+                   "reason": f"auth {SECRET_PASSWORD}", "duration_seconds": 0.25},
+        )
+    finally:
+        logging.getLogger().handlers[:] = []
+    line = capsys.readouterr().err.strip()
+    assert SECRET_PASSWORD not in line
+    record = json.loads(line) if log_format == "json" else parse_logfmt(line)
+    assert record["msg"] == "probe x failed: login with *** refused" and record["reason"] == "auth ***"
+    assert float(record["duration_seconds"]) == 0.25 and record["level"] == "error" and record["probe"] == "x"
+
+
+def test_text_logs_keep_their_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from canary.contract import Scrubber
+    from canary.daemon import configure_logging
+
+    configure_logging("info", Scrubber(), "text")
+    try:
+        logging.getLogger("canary.scheduler").info("probe x recovered (channel api)", extra={"probe": "x", "reason": "ok"})
+    finally:
+        logging.getLogger().handlers[:] = []
+    assert capsys.readouterr().err.strip().endswith("INFO canary.scheduler: probe x recovered (channel api)")
+
+
+def http_request(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Status, Content-Type and body; error statuses are answers too."""
+    import urllib.error
+
+    request = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers.get("Content-Type", ""), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers.get("Content-Type", ""), error.read().decode()
+
+
+def test_exporter_conventions_reload_endpoint_process_build_labels_and_openmetrics(tmp_path: Path, sandbox_process: str) -> None:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+
+    port = free_port()
+    path = write_config(tmp_path, config_text(sandbox_process, free_port()))
+    # The Prometheus exporters' flag names are aliases of --config and --listen.
+    process = Process(probe_command("run", "--config.file", str(path), "--web.listen-address", f"127.0.0.1:{port}"),
+                      env={"CANARY_REVISION": "0123abcd"}, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_port(port, process)
+        wait_for(lambda: probe_value(metric_values(base), "canary_probe_success", "api-health") is not None)
+        values = metric_values(base)
+        build = [dict(labels) for (name, labels) in values if name == "canary_build_info"]
+        assert len(build) == 1 and build[0]["revision"] == "0123abcd" and build[0]["environment"] == "test"
+        assert set(build[0]) == {"version", "revision", "python_version", "environment"}
+        assert values[("process_resident_memory_bytes", ENV)] > 0
+        assert values[("process_cpu_seconds_total", ENV)] >= 0
+        assert values[("canary_probes", ENV)] == 2
+
+        # OpenMetrics when the scraper asks for it: strictly valid (the parser checks `_total`, `# EOF`, ...).
+        status, content_type, text = http_request(
+            f"{base}/metrics", headers={"Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"})
+        assert status == 200 and content_type.startswith("application/openmetrics-text; version=1.0.0")
+        families = {family.name: family for family in openmetrics_families(text)}
+        assert families["canary_probe_runs"].type == "counter" and families["process_cpu_seconds"].type == "counter"
+        assert any(s.name == "canary_probe_runs_total" for s in families["canary_probe_runs"].samples)
+        assert families["canary_probe_latency_seconds"].type == "histogram"
+        assert text.endswith("# EOF\n") and text.count("# EOF") == 1
+        assert http_request(f"{base}/metrics")[1].startswith("text/plain; version=0.0.4")
+
+        # POST /-/reload: the SIGHUP reload; the new static labels reach the daemon's own metrics too.
+        path.write_text(path.read_text().replace('environment = "test"', 'environment = "staging"'))
+        assert http_request(f"{base}/-/reload", method="POST")[::2] == (200, "config reloaded\n")
+        staging = frozenset({("environment", "staging")})
+        assert metric_values(base)[("canary_config_last_reload_successful", staging)] == 1
+        assert ("canary_config_last_reload_successful", ENV) not in metric_values(base)
+        assert http_request(f"{base}/-/reload")[0] == 405  # GET changes nothing
+
+        path.write_text(path.read_text().replace('type = "http"', 'type = "htp"', 1))
+        status, _, body = http_request(f"{base}/-/reload", method="POST")
+        assert status == 500 and f"{path}: probes[0].type: unknown probe type 'htp'" in body
+        assert SECRET_PASSWORD not in body
+        assert metric_values(base)[("canary_config_last_reload_successful", staging)] == 0
+        assert probe_value(metric_values(base), "canary_probe_success", "api-health") == 1
+    finally:
+        process.stop()
+
+
+def test_the_reload_endpoint_asks_for_the_same_credentials_as_metrics(tmp_path: Path) -> None:
+    import base64
+
+    import bcrypt
+
+    path = write_config(tmp_path, '[[probes]]\nname = "x"\ntype = "http"\nchannel = "api"\ninterval = "1h"\nurl = "http://127.0.0.1:1/"\n')
+    web_config = tmp_path / "web.yml"
+    web_config.write_text(f"basic_auth_users:\n  alice: '{bcrypt.hashpw(b'open-sesame', bcrypt.gensalt(rounds=4)).decode()}'\n")
+    port = free_port()
+    process = Process(probe_command("run", "--config", str(path), "--listen", f"127.0.0.1:{port}",
+                                    "--web.config.file", str(web_config)), cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_port(port, process)
+        assert http_request(f"{base}/-/reload", method="POST")[0] == 401
+        assert http_request(f"{base}/metrics")[0] == 401
+        assert http_request(f"{base}/healthz")[0] == 200
+        auth = {"Authorization": "Basic " + base64.b64encode(b"alice:open-sesame").decode()}
+        assert http_request(f"{base}/-/reload", method="POST", headers=auth)[0] == 200
+    finally:
+        process.stop()
+
+
+def test_probe_version_names_the_release() -> None:
+    from canary import __version__
+
+    completed = subprocess.run(probe_command("--version"), capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert completed.returncode == 0 and completed.stdout.strip() == f"channel-canary {__version__}"

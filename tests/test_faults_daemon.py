@@ -219,7 +219,7 @@ def test_sighup_removing_b_and_slowing_a_drops_b_and_keeps_a_on_its_new_rhythm(
     assert 'probe="b"' not in text
     assert probe_sample(text, "canary_probe_interval_seconds", "a") == new
     assert [t for t in target.times("/b") if t > reloaded + 1.0] == []
-    assert samples(text)[("canary_config_last_reload_successful", frozenset())] == 1
+    assert samples(text)[("canary_config_last_reload_successful", frozenset({("environment", "faults")}))] == 1
     assert daemon.process.popen.poll() is None
 
 
@@ -344,7 +344,7 @@ interval = "{interval}"
 
     _, text = http_get(f"{daemon.base}/metrics")
     values = samples(text)
-    assert values[("canary_config_last_reload_successful", frozenset())] == 1
+    assert values[("canary_config_last_reload_successful", frozenset({("environment", "faults")}))] == 1
     assert http_get(f"{daemon.base}/healthz")[0] == 200
     # No run started a whole 0.5 s interval late through all the reloads and scrapes (a loaded 2-core CI machine
     # alone can delay a start by ~0.3 s; a scrape or reload that held the loop would show as seconds).
@@ -370,11 +370,14 @@ def test_target_parameters_and_unknown_paths_never_send_a_request(
     assert _probes_of(text) == {"self"}
     for path in (
         f"/probe?target={aimed}", f"/probe?target={aimed}&module=http_2xx", f"/metrics/probe?target={aimed}",
-        f"/-/anything?target={aimed}", "/-/reload", "/-/healthy", "/-/ready", "/probe", "/metrics/",
+        f"/-/anything?target={aimed}", "/-/healthy", "/-/ready", "/probe", "/metrics/",
     ):
         for method in ("GET", "POST"):
             status, _ = http_get(f"{daemon.base}{path}", method=method)
             assert status == 404, (method, path, status)
+    # /-/reload re-reads the config file (a target parameter cannot aim it anywhere); only POST does that.
+    assert http_get(f"{daemon.base}/-/reload?target={aimed}", method="POST")[0] == 200
+    assert http_get(f"{daemon.base}/-/reload?target={aimed}")[0] == 405
     assert http_get(f"{daemon.base}/status.json?target={aimed}")[0] == 200
 
     time.sleep(1.5)  # anything a scrape had set off would have reached the target by now

@@ -144,8 +144,8 @@ def test_every_probe_runs_in_exactly_one_shard_and_prometheus_sees_each_once(
     assert sorted(ran) == NAMES  # the union is the whole config, and no probe ran in two shards
     for shard, base in enumerate(bases):
         metrics = http_get(f"{base}/metrics")[1]
-        assert f'canary_shard_info{{shard="{shard}",shards="{SHARDS}"}} 1.0' in metrics
-        assert f"canary_probes {len(expected[shard])}.0" in metrics
+        assert f'canary_shard_info{{environment="test",shard="{shard}",shards="{SHARDS}"}} 1.0' in metrics
+        assert f'canary_probes{{environment="test"}} {len(expected[shard])}.0' in metrics
 
     if not Path(PROMETHEUS).exists():
         pytest.skip(f"no prometheus binary at {PROMETHEUS} (Debian package 'prometheus'); the Prometheus half did not run")
@@ -220,7 +220,7 @@ def test_a_reload_re_selects_the_shard_from_the_new_probes(tmp_path: Path, targe
         process.popen.send_signal(signal.SIGHUP)
         share = {name for name in after if shard_of(name, 2) == 1}
         wait_for(lambda: set(status(base)) == share, timeout=30, what="the reload's share")
-        assert f"canary_probes {len(share)}.0" in http_get(f"{base}/metrics")[1]
+        assert f'canary_probes{{environment="test"}} {len(share)}.0' in http_get(f"{base}/metrics")[1]
     finally:
         process.stop()
 
@@ -233,7 +233,7 @@ def test_one_process_without_shard_runs_everything_as_shard_0_of_1(tmp_path: Pat
     try:
         wait_for_port(port, process, timeout=30)
         assert set(status(base)) == set(NAMES[:10])
-        assert 'canary_shard_info{shard="0",shards="1"} 1.0' in http_get(f"{base}/metrics")[1]
+        assert 'canary_shard_info{environment="test",shard="0",shards="1"} 1.0' in http_get(f"{base}/metrics")[1]
     finally:
         process.stop()
 
