@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 from tests.conftest import ROOT, Process, free_port, port_open, wait_for, wait_for_port
