@@ -11,7 +11,7 @@
 The lateness part measures the product as shipped (shared TLS contexts from probes.transport.client_tls_context, the
 Scheduler's own gc.freeze() after apply and after the first jitter window); `--probes N` shrinks it.
 
-Run it with the project's virtualenv interpreter (e.g. /tmp/venv/bin/python bench/run.py all): the `probe`
+Run it with the project's virtualenv interpreter (e.g. .venv/bin/python bench/run.py all): the `probe`
 executable is looked up beside sys.executable. Everything it starts listens on, and targets, 127.0.0.1 only;
 every child process is ended by its pid when a part finishes or fails.
 """

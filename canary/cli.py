@@ -173,10 +173,8 @@ def _once(config: Config, args: argparse.Namespace) -> int:
         print(f"config error:\n{config.path}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     report = {"json": as_json, "junit": as_junit, "table": as_table}[args.format](outcomes)
-    if args.output:
+    if args.output:  # written instead of printed: the exit code says whether it passed
         Path(args.output).write_text(report + ("" if report.endswith("\n") else "\n"), encoding="utf-8")
-        if args.format != "table":
-            print(as_table(outcomes))
     else:
         print(report)
     return EXIT_OK if all_passed(outcomes) else EXIT_FAILED
@@ -188,7 +186,7 @@ def _sandbox(listen: str) -> int:
     from canary.sandbox import build_sandbox_app
 
     host, port = parse_host_port(listen)
-    web.run_app(build_sandbox_app(), host=host or None, port=port, print=lambda msg: print(f"sandbox platform on http://{listen}", flush=True), access_log=None)
+    web.run_app(build_sandbox_app(), host=host, port=port, print=lambda msg: print(f"sandbox platform on http://{listen}", flush=True), access_log=None)
     return EXIT_OK
 
 

@@ -267,15 +267,18 @@ _HOST_PORT = re.compile(r"^(?:\[(?P<ipv6>[0-9a-fA-F:.]+)\]|(?P<host>[A-Za-z0-9._
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[IPV6]:PORT` as (host, port). An empty host (":9465") means every interface, as in
-    Prometheus's `--web.listen-address`; a caller that must connect somewhere refuses it."""
+    """`HOST:PORT` or `[IPV6]:PORT` as (host, port). The host is never empty: ":9465" would silently bind every
+    interface, so that must be written out (`0.0.0.0:9465`, `[::]:9465`)."""
     match = _HOST_PORT.match(text.strip()) if isinstance(text, str) else None
     if match is None:
         raise ValueError(f"must be HOST:PORT (e.g. 127.0.0.1:9465 or [::1]:9465), got {str(text)[:80]!r}")
     port = int(match.group("port"))
     if not 1 <= port <= 65535:
         raise ValueError(f"port {port} is not between 1 and 65535")
-    return match.group("ipv6") or match.group("host") or "", port
+    host = match.group("ipv6") or match.group("host") or ""
+    if not host:
+        raise ValueError(f"the host is empty in {text.strip()!r}: write 0.0.0.0:{port} to listen on every interface")
+    return host, port
 
 
 # ---------------------------------------------------------------------------------------------------------------

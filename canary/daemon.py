@@ -109,7 +109,7 @@ class Daemon:
         await runner.setup()
         host, port = parse_host_port(self._listen)
         try:
-            await web.TCPSite(runner, host or None, port, shutdown_timeout=1.0, ssl_context=self.web.ssl_context).start()
+            await web.TCPSite(runner, host, port, shutdown_timeout=1.0, ssl_context=self.web.ssl_context).start()
         except OSError as exc:
             log.error("cannot listen on %s: %s", self._listen, exc.strerror or exc)
             await scheduler.stop(0)

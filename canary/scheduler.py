@@ -167,9 +167,10 @@ class Scheduler:
         if running.last_slot is not None:  # replaces a changed probe: not sooner than one interval after its last run
             slot = max(running.last_slot + interval, now)
         else:
-            slot = (self._epoch or now) + stable_offset(settings.name, min(self._jitter, interval))
-            if slot < now - JOIN_TOLERANCE:  # started by a reload: join the grid at the next free slot
-                slot += ((now - slot) // interval + 1) * interval
+            offset = stable_offset(settings.name, min(self._jitter, interval))
+            slot = (self._epoch or now) + offset
+            if slot < now - JOIN_TOLERANCE:  # added by a reload: its first run within the jitter window, like at a start
+                slot = now + offset
         while not (self._stopping or running.retired):
             delay = slot - loop.time()
             if delay > 0:

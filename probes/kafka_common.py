@@ -58,11 +58,9 @@ class KafkaSettings(ProbeSettings):
     def _valid_servers(cls, servers: str) -> str:
         for server in servers.split(","):
             try:
-                host, _ = parse_host_port(server)
+                parse_host_port(server)
             except ValueError:
-                host = ""
-            if not host:  # a client must name the broker it connects to
-                raise ValueError(f'must be comma-separated "host:port" pairs, got {server.strip()!r}')
+                raise ValueError(f'must be comma-separated "host:port" pairs, got {server.strip()!r}') from None
         return servers
 
     @model_validator(mode="after")

@@ -84,6 +84,7 @@ def test_once_junit_shape(config: Path, sandbox_process: str, tmp_path: Path) ->
     report_path = tmp_path / "report.xml"
     completed = probe("--once", "--config", str(config), "--format", "junit", "--output", str(report_path))
     assert completed.returncode == 1
+    assert completed.stdout == ""  # written instead of printed
     suite = ET.parse(report_path).getroot().find("testsuite")
     assert suite is not None and suite.get("tests") == "2" and suite.get("failures") == "1"
     cases = {case.get("name"): case for case in suite.findall("testcase")}

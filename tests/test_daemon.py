@@ -212,7 +212,7 @@ def test_a_missing_ca_file_at_start_is_a_config_error_with_exit_2(tmp_path: Path
     assert "Traceback" not in completed.stderr
 
 
-@pytest.mark.parametrize("listen", ["nonsense", "127.0.0.1:99999", "127.0.0.1:"])
+@pytest.mark.parametrize("listen", ["nonsense", "127.0.0.1:99999", "127.0.0.1:", ":9465"])
 def test_a_bad_listen_flag_is_a_usage_error_naming_the_flag(tmp_path: Path, listen: str) -> None:
     path = write_config(tmp_path, '[[probes]]\nname = "x"\ntype = "http"\nchannel = "api"\nurl = "http://127.0.0.1:1/"\n')
     completed = subprocess.run(probe_command("run", "--config", str(path), "--listen", listen), capture_output=True, text=True, timeout=30, cwd=ROOT)

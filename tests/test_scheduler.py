@@ -262,3 +262,15 @@ async def test_a_stop_waits_for_a_cancelled_runs_cleanup_within_its_cleanup_boun
     await scheduler.stop(grace=0)
     assert ("form", "cleaned up") in BehaviourProbe.events
     assert task.cancelled() and not scheduler._abandoned
+
+
+async def test_a_probe_added_by_a_reload_runs_within_the_jitter_window_not_an_interval_later() -> None:
+    scheduler, store, _ = await start([settings("first", interval=30.0, timeout=1.0)], jitter=0.5)
+    try:
+        await asyncio.sleep(1.0)  # past the first round: a grid-joining probe would wait up to 30 s
+        added = (settings("first", interval=30.0, timeout=1.0), settings("added", interval=30.0, timeout=1.0))
+        store.sync(added, (0.1, 1.0), 50)
+        await scheduler.apply(added, 0.5, Scrubber())
+        await wait_until(lambda: store.get("added").latest is not None, timeout=5)  # 0.5 s jitter, generous margin
+    finally:
+        await scheduler.stop(grace=0.5)
