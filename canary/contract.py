@@ -336,6 +336,22 @@ def _check_host_port(text: str) -> str:
     return text
 
 
+def spelled(pattern: str, words: str) -> Any:
+    """A string checked against `pattern`, whose error says in `words` what it must be (never the regex itself)."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(f"must be {words}, got {value[:80]!r}")
+        return value
+
+    return Annotated[str, AfterValidator(check)]
+
+
+ProbeName = spelled(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", "1 to 64 letters, digits, '_', '.', ':' or '-', starting with a letter or digit")
+LowerName = spelled(r"[a-z][a-z0-9_]{0,31}", "1 to 32 lower-case letters, digits or '_', starting with a letter (e.g. web_form)")
+"""A channel, step or query name: it becomes a label value or a phase, so it stays short and tidy."""
+
 Regex = Annotated[str, AfterValidator(_check_regex)]
 """A regular expression, compiled once at load so a typo is a config error, not a failed probe. Probes compile and
 search it with `probes.patterns`, never with `re` (see there why)."""
@@ -379,9 +395,9 @@ class ProbeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+    name: ProbeName
     type: str
-    channel: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    channel: LowerName
     interval: Duration | None = None
     timeout: Duration | None = None
     labels: StaticLabels = Field(default_factory=dict)

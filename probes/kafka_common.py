@@ -7,18 +7,17 @@ from __future__ import annotations
 import asyncio
 import ssl
 from contextlib import AsyncExitStack
-from typing import Annotated, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka import errors as kafka_errors
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from canary.contract import USER_AGENT, ProbeSettings, Result, parse_host_port
+from canary.contract import USER_AGENT, ProbeSettings, Result, parse_host_port, spelled
 from probes.transport import CaFile, client_tls_context
 
 CLOSE_TIMEOUT = 2.0
 DEFAULT_TIMEOUT = 10.0
-_TOPIC = r"^[A-Za-z0-9._-]{1,249}$"
 
 _CONNECT_ERRORS = (
     kafka_errors.KafkaConnectionError,
@@ -39,7 +38,7 @@ _AUTH_ERRORS = (
     kafka_errors.ClusterAuthorizationFailedError,
 )
 
-TopicName = Annotated[str, Field(pattern=_TOPIC)]
+TopicName = spelled(r"[A-Za-z0-9._-]{1,249}", "a Kafka topic name: 1 to 249 letters, digits, '.', '_' or '-'")
 """A Kafka topic name (the characters Kafka allows, at most 249 of them)."""
 
 

@@ -35,7 +35,7 @@ from typing import Literal
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from canary.contract import Duration, Gauge, PhaseTimer, Probe, Result
+from canary.contract import Duration, Gauge, PhaseTimer, Probe, Result, spelled
 from probes.kafka_common import KAFKA_ERRORS, KafkaSettings, TopicName, kafka_error_result, start_consumer
 
 
@@ -46,12 +46,15 @@ class Status(IntEnum):
     STOP = 3
 
 
+GroupName = spelled(r"[A-Za-z0-9._-]{1,255}", "a consumer group name: 1 to 255 letters, digits, '.', '_' or '-'")
+
+
 class ConsumerGroup(BaseModel):
     """One consumer group and the topics it consumes."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,255}$")
+    name: GroupName
     topics: list[TopicName] = Field(min_length=1)
 
 

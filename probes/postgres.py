@@ -15,7 +15,8 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
-from canary.contract import Duration, Gauge, PhaseTimer, Probe, ProbeSettings, Result
+from canary.contract import Duration, Gauge, PhaseTimer, Probe, ProbeSettings, Result, spelled
+
 
 _HEALTH_SQL = """
 SELECT
@@ -28,12 +29,15 @@ SELECT
 _CLOSE_TIMEOUT = 2.0
 
 
+QueryName = spelled(r"[a-z][a-z0-9_]{0,63}", "1 to 64 lower-case letters, digits or '_', starting with a letter")
+
+
 class PostgresQuery(BaseModel):
     """A read-only query whose single value becomes `canary_probe_query_value{query="<name>"}`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    name: QueryName
     sql: str = Field(min_length=1)
     help: str = ""
     max: float | None = None

@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from yarl import URL
 
 from canary.contract import (
-    Check, Duration, format_duration, marker_headers, PhaseTimer, Probe, ProbeSettings, Result, Scrubber, SECRET_NAME,
-    SyntheticHeader, USER_AGENT,
+    SECRET_NAME, USER_AGENT, Check, Duration, LowerName, PhaseTimer, Probe, ProbeSettings, Result, Scrubber,
+    SyntheticHeader, format_duration, marker_headers,
 )
 from probes.cleanup import ShieldedCleanups
 from probes.conditions import Condition, parse_condition
@@ -56,7 +56,7 @@ class Poll(BaseModel):
 class Step(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    name: LowerName
     method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"] = "GET"
     url: str
     headers: dict[str, str] = Field(default_factory=dict)

@@ -13,13 +13,13 @@ import logging
 from typing import Literal
 
 import aiohttp
-from pydantic import Field, SecretStr, field_validator
+from pydantic import SecretStr, field_validator
 from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
 from yarl import URL
 
-from canary.contract import Gauge, PhaseTimer, Probe, ProbeSettings, Result
+from canary.contract import Gauge, PhaseTimer, Probe, ProbeSettings, Result, spelled
 from probes.transport import client_error_result, http_url
 
 _ACTIVE = "active"
@@ -29,9 +29,12 @@ _SDK_LOGGER = logging.getLogger("canary.probes.twilio")
 _SDK_LOGGER.setLevel(logging.WARNING)
 
 
+AccountSid = spelled(r"AC[0-9a-fA-F]{32}", "a Twilio account SID: 'AC' and 32 hexadecimal digits")
+
+
 class TwilioSettings(ProbeSettings):
     type: Literal["twilio"] = "twilio"
-    account_sid: str = Field(pattern=r"^AC[0-9a-fA-F]{32}$")
+    account_sid: AccountSid
     auth_token: SecretStr
     api_url: str = "https://api.twilio.com"
 

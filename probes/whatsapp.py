@@ -32,6 +32,7 @@ from canary.contract import (
     Check, Duration, format_duration, marker_headers, PhaseTimer, Probe, ProbeSettings, Result, SyntheticHeader,
 )
 from probes.cleanup import ShieldedCleanups
+from probes.twilio_account import AccountSid
 from probes.transport import (
     LazySession,
     CaFile, ExpectedStatuses, HttpUrl, client_error_result, client_tls_context, http_url, read_limited,
@@ -40,7 +41,6 @@ from probes.transport import (
 
 log = logging.getLogger("probes.whatsapp")
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
-_ACCOUNT_SID = r"^AC[0-9a-fA-F]{32}$"
 _TWILIO_USER_AGENT = "TwilioProxy/1.1"  # what Twilio's webhook requests carry
 _AUTH_REFUSED = (401, 403)
 # The requests that must be refused, by phase: how a refusal reads, and what accepting one means.
@@ -82,7 +82,7 @@ class WhatsAppSettings(ProbeSettings):
     url: HttpUrl
     public_url: str | None = None
     auth_token: SecretStr
-    account_sid: str = Field(pattern=_ACCOUNT_SID)
+    account_sid: AccountSid
     from_number: str
     to_number: str
     body: str = Field(default="[canary] synthetic check", min_length=1, max_length=1600)

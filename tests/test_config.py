@@ -424,7 +424,7 @@ BAD_CONFIGS = [
     ),
     pytest.param(
         HTTP_PROBE.replace('channel = "api"', 'channel = "Web-Chat"'),
-        ["probes[0].channel: String should match pattern '^[a-z][a-z0-9_]{0,31}$' (got 'Web-Chat')"],
+        ["probes[0].channel: must be 1 to 32 lower-case letters, digits or '_', starting with a letter (e.g. web_form), got 'Web-Chat'"],
         id="bad-channel-name",
     ),
     pytest.param(
@@ -512,7 +512,7 @@ def _pg_probe_with(dsn: str, *extra_lines: str) -> str:
                 'channel = "database"', f'channel = "postgresql://canary:{PASSWORD}@db.internal/support"'
             ),
             {},
-            ["probes[0].channel: String should match pattern '^[a-z][a-z0-9_]{0,31}$' (got '***')"],
+            ["probes[0].channel: must be 1 to 32 lower-case letters, digits or '_', starting with a letter (e.g. web_form), got '***'"],
             id="dsn-pasted-into-another-key",
         ),
         pytest.param(
@@ -591,3 +591,19 @@ def test_shipped_config_uses_platform_and_database_urls() -> None:
     assert config.daemon.labels == {"environment": "prod"}
     assert config.daemon.listen == "0.0.0.0:9465"
     assert "postgresql://canary:db-pw-98765@db.example.com:5432/support" in config.secrets
+
+
+def test_no_validation_message_shows_a_regular_expression(tmp_path: Path) -> None:
+    """Names, channels, steps, queries, SIDs and topics say in words what they must be."""
+    body = '''
+[[probes]]
+name = "-bad"
+type = "transaction"
+channel = "Web Form"
+[[probes.steps]]
+name = "Submit"
+url = "http://127.0.0.1:1/"
+'''
+    problems = load_error(write_config(tmp_path, body)).problems
+    assert len(problems) == 3, problems
+    assert all("must be" in problem and "^" not in problem and "{0," not in problem for problem in problems), problems

@@ -249,7 +249,7 @@ async def test_other_answers(fake_api: tuple[web.Application, str], status: int,
 @pytest.mark.parametrize(
     ("fields", "error"),
     [
-        ({"account_sid": "SK" + "0" * 32}, "String should match pattern"),
+        ({"account_sid": "SK" + "0" * 32}, "must be a Twilio account SID: 'AC' and 32 hexadecimal digits"),
         ({"api_url": "api.twilio.com"}, "must be an absolute http:// or https:// URL"),
         ({"api_url": "https://api.twilio.com/?x=1"}, "must be a base URL without a query string"),
         ({"region": "au1"}, "Extra inputs are not permitted"),

@@ -507,7 +507,7 @@ async def test_a_hanging_cleanup_is_bounded_by_cleanup_timeout(recorder: tuple[w
     [
         ({"url": "ftp://example.com/hook"}, "must be an absolute http:// or https:// URL"),
         ({"public_url": "support.example.com/hook"}, "must be an absolute http:// or https:// URL"),
-        ({"account_sid": "AC123"}, "String should match pattern"),
+        ({"account_sid": "AC123"}, "must be a Twilio account SID: 'AC' and 32 hexadecimal digits, got 'AC123'"),
         ({"from_number": "0800 123"}, "must be an E.164 number"),
         ({"to_number": "whatsapp:14155238886"}, "must be an E.164 number"),
         ({"expect_forged_status": [200, 403]}, "a forged webhook must be refused; 200 would pass"),
