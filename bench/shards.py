@@ -163,11 +163,12 @@ def _self_metrics(port: int) -> dict[str, float]:
         head = response.read(_HEAD_BYTES).decode(errors="replace")
     values: dict[str, float] = {}
     for row in head.splitlines():
-        if row.startswith(("canary_scheduler_lateness_seconds_bucket", "canary_scheduler_lateness_seconds_count",
-                           "canary_scheduler_skipped_runs_total")):
+        if row.startswith("canary_scheduler_lateness_seconds_bucket"):
             key, _, value = row.rpartition(" ")
-            values[key] = float(value)
-    return values
+            values["canary_scheduler_lateness_seconds_bucket" + key[key.index('le="') - 1:]] = float(value)
+        elif row.startswith("canary_scheduler_skipped_runs_total"):
+            values["canary_scheduler_skipped_runs_total"] = float(row.rpartition(" ")[2])
+    return values  # keyed without the static labels, which the daemon's own series carry too
 
 
 def _buckets(before: dict[str, float], after: dict[str, float]) -> list[tuple[float, float]]:
