@@ -14,15 +14,16 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Generator, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from canary.scrub import Scrubber
 from canary.sharding import check_spec
-from canary.contract import Duration, HostPort, Probe, ProbeSettings, StaticLabels, parse_host_port
+from canary.contract import MAX_RETRIES, Duration, HostPort, Probe, ProbeSettings, StaticLabels, parse_host_port
 
 DEFAULT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0)
+T = TypeVar("T")
 _VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
 
 
@@ -34,20 +35,22 @@ class DaemonSettings(BaseModel):
     listen: HostPort = "127.0.0.1:9465"
     interval: Duration = 30.0
     timeout: Duration = 10.0
+    retries: int = Field(default=0, ge=0, le=MAX_RETRIES)
     jitter: Duration = 10.0
     shutdown_grace: Duration = 10.0
     history: int = Field(default=30, ge=1, le=1000)
     labels: StaticLabels = Field(default_factory=dict)
     latency_buckets: tuple[float, ...] = DEFAULT_BUCKETS
     log_level: typing.Literal["debug", "info", "warning", "error"] = "info"
-    # Where the daemon keeps what should outlive a restart (the status page's uptime buckets); None keeps nothing.
+    # Where the daemon keeps what should outlive a restart (the object ledger, the uptime buckets); None: a default
+    # directory of this config and shard's own (canary/statedir.py resolves it, with --state.dir).
     state_dir: str | None = None
 
     @field_validator("state_dir")
     @classmethod
     def _state_dir_path(cls, path: str | None) -> str | None:
         if path is not None and not path.strip():
-            raise ValueError("must be a directory's path; leave the key out to keep no state")
+            raise ValueError("must be a directory's path; leave the key out for the default directory")
         return path
 
     shard: str = "0/1"  # "I/N" or "auto"; resolved at start (canary.sharding), so `check-config` needs no pod
@@ -94,29 +97,57 @@ def load_config(
     environ: Mapping[str, str] | None = None,
 ) -> Config:
     """Read, expand and validate one config file."""
+    return run_steps(load_config_steps(path, probe_types, environ))
+
+
+def load_config_steps(
+    path: Path | str,
+    probe_types: Mapping[str, type[Probe]],
+    environ: Mapping[str, str] | None = None,
+) -> Generator[None, None, Config]:
+    """`load_config` a little at a time: it yields after each probe's part of each stage, so `probe run` can reload
+    10,000 probes (1-2 s of work) between the runs that are due instead of holding its event loop for all of it."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(path, [f"cannot read the file: {getattr(exc, 'strerror', None) or exc}"]) from None
-    return parse_config(text, path, probe_types, os.environ if environ is None else environ)
+    return (yield from parse_config_steps(text, path, probe_types, os.environ if environ is None else environ))
+
+
+def run_steps(steps: Generator[None, None, T]) -> T:
+    """Runs a `*_steps` generator to its end, in one go."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def parse_config(
     text: str, path: Path, probe_types: Mapping[str, type[Probe]], environ: Mapping[str, str]
 ) -> Config:
+    return run_steps(parse_config_steps(text, path, probe_types, environ))
+
+
+def parse_config_steps(
+    text: str, path: Path, probe_types: Mapping[str, type[Probe]], environ: Mapping[str, str]
+) -> Generator[None, None, Config]:
     try:
-        raw = tomllib.loads(text)
+        raw = yield from _toml_steps(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
 
     problems: list[str] = []
-    raw = _expand(raw, "", environ, problems)
+    raw = yield from _expand_steps(raw, environ, problems)
     for key in raw:
         if key not in ("daemon", "probes"):
             problems.append(f"{key}: unknown key (the top level takes [daemon] and [[probes]])")
 
-    raw_secrets = _raw_secret_values(raw, probe_types)
+    raw_secrets: list[str] = []
+    for entry in raw.get("probes", []) if isinstance(raw.get("probes"), list) else []:
+        raw_secrets.extend(_raw_secret_values(entry, probe_types))
+        yield
     daemon = _validate(DaemonSettings, _table(raw.get("daemon", {}), "daemon", problems), "daemon", problems)
 
     raw_probes = raw.get("probes", [])
@@ -125,15 +156,17 @@ def parse_config(
         raw_probes = []
     probes: list[ProbeSettings] = []
     first_index_by_name: dict[str, int] = {}
+    collisions: set[str] = set()
     for index, entry in enumerate(raw_probes):
+        yield
         where = f"probes[{index}]"
-        settings = _validate_probe(entry, where, probe_types, problems)
+        settings = _validate_probe(_paths_beside(entry, path.absolute().parent), where, probe_types, problems)
         type_name = entry.get("type") if isinstance(entry, dict) else None
         if daemon is not None and isinstance(type_name, str) and type_name in probe_types:
-            problems += [
-                problem for problem in _label_collisions(daemon.labels, probe_types[type_name], "daemon.labels", type_name)
-                if problem not in problems  # once per label and type, however many probes of that type there are
-            ]
+            for problem in _label_collisions(daemon.labels, probe_types[type_name], "daemon.labels", type_name):
+                if problem not in collisions:  # once per label and type, however many probes of that type there are
+                    collisions.add(problem)
+                    problems.append(problem)
         if settings is None:
             continue
         if settings.name in first_index_by_name:
@@ -150,8 +183,63 @@ def parse_config(
         scrub = Scrubber(raw_secrets)
         raise ConfigError(path, [scrub(problem) for problem in problems])
     assert daemon is not None
-    secrets = {secret for probe in probes for secret in probe.secret_values()} | set(raw_secrets)
+    secrets = set(raw_secrets)
+    for probe in probes:
+        secrets.update(probe.secret_values())
+        yield
     return Config(path=path, daemon=daemon, probes=tuple(probes), secrets=frozenset(secrets))
+
+
+# A top-level `[[probes]]` header alone on its line: where a config can be cut into parts TOML reads on their own.
+_PROBES_HEADER = re.compile(r"^\[\[\s*probes\s*\]\][ \t]*(?:#[^\n]*)?$", re.MULTILINE)
+
+
+class _CannotCut(Exception):
+    pass
+
+
+def _toml_steps(text: str) -> Generator[None, None, dict[str, Any]]:
+    """`tomllib.loads(text)`, one `[[probes]]` table at a time (10,000 probes are 2 MB of TOML: 0.2-0.3 s in one
+    call). What cannot be cut safely (a header inside a multi-line string, a table or key that two parts both
+    declare, an inline `probes` array) is read in one call instead, which also raises tomllib's own error."""
+    starts = [match.start() for match in _PROBES_HEADER.finditer(text)]
+    if len(starts) < 2:
+        return tomllib.loads(text)
+    bounds = [0, *starts, len(text)]
+    merged: dict[str, Any] = {}
+    probes: list[Any] = []
+    try:
+        for position, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            part = tomllib.loads(text[start:end])
+            if position:  # a part that starts with a [[probes]] header: exactly one table of the array
+                entries = part.pop("probes", None)
+                if not isinstance(entries, list) or len(entries) != 1:
+                    raise _CannotCut
+                probes.append(entries[0])
+            for key, value in part.items():
+                if key in merged or key == "probes":
+                    raise _CannotCut
+                merged[key] = value
+            yield
+    except (tomllib.TOMLDecodeError, _CannotCut):
+        return tomllib.loads(text)
+    merged["probes"] = probes
+    return merged
+
+
+def _expand_steps(raw: dict[str, Any], environ: Mapping[str, str], problems: list[str]) -> Generator[None, None, dict[str, Any]]:
+    """`_expand(raw, ...)`, yielding after each probe (the same order, so the same problems in the same order)."""
+    expanded: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "probes" and isinstance(value, list):
+            entries = []
+            for index, entry in enumerate(value):
+                entries.append(_expand(entry, f"{key}[{index}]", environ, problems))
+                yield
+            expanded[key] = entries
+        else:
+            expanded[key] = _expand(value, key, environ, problems)
+    return expanded
 
 
 def _validate_probe(
@@ -198,7 +286,8 @@ def _inherit_defaults(
     problem = settings.check_timing(timeout, inherited_from)
     if problem:
         problems.append(f"{where}.{problem}")
-    return settings.model_copy(update={"interval": interval, "timeout": timeout})
+    retries = daemon.retries if settings.retries is None else settings.retries
+    return settings.model_copy(update={"interval": interval, "timeout": timeout, "retries": retries})
 
 
 def _effective_timeout(settings: ProbeSettings, daemon: DaemonSettings, interval: float) -> tuple[float, str | None]:
@@ -305,6 +394,19 @@ def _holds_secret(annotation: Any) -> bool:
     return False
 
 
+def _paths_beside(entry: Any, directory: Path) -> Any:
+    """Every `*_file` key names a file, and a relative one is the config file's neighbour (as in Prometheus), so a
+    config and the files it names work together from any working directory."""
+    if not isinstance(entry, dict):
+        return entry
+    return {
+        key: str(directory / value)
+        if key.endswith("_file") and isinstance(value, str) and value.strip() and not Path(value).expanduser().is_absolute()
+        else value
+        for key, value in entry.items()
+    }
+
+
 def _resolve_secret_files(
     entry: dict[str, Any], model: type[BaseModel], where: str, problems: list[str]
 ) -> tuple[dict[str, Any], set[str]]:
@@ -335,14 +437,13 @@ def _resolve_secret_files(
     return resolved, unresolved
 
 
-def _raw_secret_values(raw: dict[str, Any], probe_types: Mapping[str, type[Probe]]) -> list[str]:
-    """Secrets as written (after expansion), so even a config that fails validation cannot leak them."""
+def _raw_secret_values(entry: Any, probe_types: Mapping[str, type[Probe]]) -> list[str]:
+    """A probe's secrets as written (after expansion), so even a config that fails validation cannot leak them."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("type"), str) or entry["type"] not in probe_types:
+        return []
     found: list[str] = []
-    for entry in raw.get("probes", []) if isinstance(raw.get("probes"), list) else []:
-        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str) or entry["type"] not in probe_types:
-            continue
-        for field in _secret_fields(probe_types[entry["type"]].settings_model):
-            found.extend(_strings(entry.get(field)))
+    for field in _secret_fields(probe_types[entry["type"]].settings_model):
+        found.extend(_strings(entry.get(field)))
     return found
 
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from time import perf_counter
-from typing import Annotated, Any, ClassVar, Generic, Iterable, Iterator, Literal, Mapping, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Iterable, Iterator, Literal, Mapping, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import regex
@@ -51,9 +51,19 @@ REASONS: dict[str, str] = {
     "insecure": "the platform accepted a request it must refuse (e.g. a forged webhook signature)",
     "cleanup": "the checks passed but cleaning up the synthetic data failed",
     "internal": "the probe itself failed (a bug, or a result it could not produce)",
+    # Not a failure: the scheduler gives it to a run that timed out (or was too slow) while the canary's own event
+    # loop was saturated. It counts in no probe's runs or failures and leaves the probe's verdict as it was.
+    "starved": "no verdict: the canary itself was too busy to finish the run in time (its event loop was behind)",
 }
 # Reasons any probe can end with, whatever its type: the runner produces these itself.
 RUNNER_REASONS = ("timeout", "internal")
+# Failures another attempt may well not see (a probe with `retries` tries again within its timeout). A probe marks a
+# failure of another reason as transient by setting `Result.retry_after` (an HTTP 5xx, a 429). Failures of the
+# reasons in NEVER_RETRIED are never tried again, whatever the probe says: another attempt cannot change refused
+# credentials, a failed check or a hole, a failed cleanup would leave more behind, and a bug stays a bug.
+TRANSIENT_REASONS = frozenset({"connect", "timeout"})
+NEVER_RETRIED = frozenset({"auth", "invalid_grant", "assertion", "insecure", "cleanup", "internal"})
+MAX_RETRIES = 5
 
 _METRIC_SUFFIX = re.compile(r"^[a-z][a-z0-9_]*$")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -106,6 +116,8 @@ class Result:
     `duration_seconds` is filled in by the runner, which owns the clock; a probe leaves it at 0.
     `channels` carries channel states a probe read from the platform (e.g. `/health`'s channel map),
     so `canary_channel_up` can show one channel down while the others stay up.
+    `retry_after` marks a failure as transient beyond TRANSIENT_REASONS: the least wait, in seconds, before another
+    attempt (0: the usual backoff); None leaves it to the reason. `attempts` is the runner's to fill in.
     """
 
     success: bool
@@ -116,12 +128,23 @@ class Result:
     gauges: tuple[Gauge, ...] = ()
     checks: tuple[Check, ...] = ()
     channels: Mapping[str, bool] = field(default_factory=dict)
+    retry_after: float | None = None
+    attempts: int = 1
 
     def __post_init__(self) -> None:
         if self.reason not in REASONS:
             raise ValueError(f"unknown reason {self.reason!r}")
         if self.success != (self.reason == "ok"):
             raise ValueError("a result succeeds exactly when its reason is 'ok'")
+        if self.retry_after is not None and not self.retry_after >= 0:
+            raise ValueError(f"retry_after must be a number of seconds >= 0, got {self.retry_after!r}")
+
+    @property
+    def transient(self) -> bool:
+        """Whether another attempt might pass where this one failed."""
+        if self.success or self.reason in NEVER_RETRIED:
+            return False
+        return self.reason in TRANSIENT_REASONS or self.retry_after is not None
 
     @classmethod
     def ok(cls, message: str = "", **extra: Any) -> "Result":
@@ -389,8 +412,8 @@ class HoldsSecrets:
 class ProbeSettings(BaseModel):
     """Settings every probe has; a probe type subclasses this with its own fields.
 
-    `interval` and `timeout` are optional in the file and filled in from `[daemon]` at load, so after loading
-    they are always set.
+    `interval`, `timeout` and `retries` are optional in the file and filled in from `[daemon]` at load, so after
+    loading they are always set.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
@@ -400,6 +423,8 @@ class ProbeSettings(BaseModel):
     channel: LowerName
     interval: Duration | None = None
     timeout: Duration | None = None
+    # Further attempts after a transient failure, all within `timeout` (canary/retries.py); from [daemon] if unset.
+    retries: int | None = Field(default=None, ge=0, le=MAX_RETRIES)
     labels: StaticLabels = Field(default_factory=dict)
     description: str = Field(default="", max_length=200)
     # Where an operator reads what to do when this probe fails; shown as a link on the status page.
@@ -433,6 +458,16 @@ class ProbeSettings(BaseModel):
         """`target()` with every secret of these settings masked: what every page and listing shows."""
         return Scrubber(self.secret_values())(self.target())
 
+    def leaves_objects(self) -> bool:
+        """Whether runs create objects on the platform that a cleanup removes (a synthetic ticket). Such a probe
+        records them in the object ledger, so a killed process's leftovers are removed later (canary/ledger.py)."""
+        return False
+
+    def sweep_interval(self) -> float | None:
+        """How often to look on the platform for this probe's synthetic objects that no ledger knows of (a process
+        killed between a create and its answer), through `Probe.find_leftovers`; None: never."""
+        return None
+
 
 def _walk_secrets(value: Any) -> list[str]:
     if isinstance(value, SecretStr):
@@ -448,6 +483,27 @@ def _walk_secrets(value: Any) -> list[str]:
     return []
 
 
+class ObjectLedger(Protocol):
+    """A probe's part of the durable ledger of what its runs created on the platform (canary/ledger.py)."""
+
+    async def record(self, run_id: str, variables: Mapping[str, str]) -> None:
+        """Run `run_id` created something: keep the values its cleanup needs (never a secret). On disk when this
+        returns, so a `kill -9` right after leaves the entry behind to be cleaned up later."""
+
+    async def settle(self, run_id: str, removed: bool) -> None:
+        """The run is over: what it created was removed (the entry goes), or was not (it stays, a leftover)."""
+
+
+class _NoLedger:
+    async def record(self, run_id: str, variables: Mapping[str, str]) -> None:
+        return None
+
+    async def settle(self, run_id: str, removed: bool) -> None:
+        return None
+
+
+NO_LEDGER: ObjectLedger = _NoLedger()
+
 S = TypeVar("S", bound=ProbeSettings)
 
 
@@ -460,11 +516,14 @@ class Probe(Generic[S]):
     `reasons` lists the failure reasons this type can return (the runner adds `timeout` and `internal`), so the
     exporter can show each failure counter at 0 before the first failure. `figure_labels` lists the label names
     its gauges use, so a static label of the same name is refused at load instead of breaking every scrape.
+    `libraries` names the modules `run` imports locally (client libraries too heavy to import at start-up); the
+    runner imports them off the event loop before the first run (see canary/libraries.py).
     """
 
     settings_model: ClassVar[type[ProbeSettings]]
     reasons: ClassVar[tuple[str, ...]] = ()
     figure_labels: ClassVar[frozenset[str]] = frozenset()
+    libraries: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: S) -> None:
         self.settings = settings
@@ -474,3 +533,44 @@ class Probe(Generic[S]):
 
     async def close(self) -> None:
         """Release anything held between runs (pools, sessions). Most probes hold nothing."""
+
+    # A probe that learns something worth keeping across runs (a watch's expiry, a back-off, a sliding window) can
+    # keep it across a reload that rebuilds it and across a restart. The core never reads the state: it asks for it,
+    # stores it, and hands it back to a probe of the same name, type and `state_key()`.
+
+    def state_key(self) -> str | None:
+        """What this probe's state is about (the account, cluster or endpoint it describes), or None: no state.
+
+        State is handed on only when name, type and this key are unchanged, so an interval or timeout change keeps
+        it and another account or cluster starts afresh. It is compared and stored only as a digest, but must still
+        be worth nothing to an attacker: no secrets."""
+        return None
+
+    def export_state(self) -> dict[str, Any]:
+        """The state worth keeping, as a fresh structure of plain JSON values ({} for none).
+
+        Times are wall-clock Unix seconds (`time.time()`), never loop or monotonic time, which mean nothing after a
+        restart. Never a secret: the result is written to the state directory. It may be encoded in another thread,
+        so it must share no mutable object with the probe."""
+        return {}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Take over a predecessor's `export_state()`, or what a previous process saved, before the first run.
+
+        The data may come from a corrupt or hostile file: validate all of it, and raise ValueError (naming what is
+        wrong) rather than keep anything doubtful. Called only with a non-empty state."""
+
+    # Set by whoever runs the probe (the daemon, `--once`) before its first run; a probe whose settings
+    # `leaves_objects()` records there what each run creates.
+    ledger: ObjectLedger = NO_LEDGER
+
+    async def remove_leftover(self, variables: Mapping[str, str]) -> str | None:
+        """Remove an object an earlier run left behind (perhaps of a killed process), from the values it recorded,
+        with this (current) config's requests. None once it is gone (the platform answered 2xx or 404), else why
+        not. Bounded in time by the probe (its cleanup timeout)."""
+        return f"the {self.settings.type} probe type creates nothing it could remove"
+
+    async def find_leftovers(self, now: float) -> tuple[list[dict[str, str]], str | None]:
+        """The sweep: this probe's synthetic objects listed by the platform and old enough (at Unix time `now`) that
+        no run in flight can own them, each as the values `remove_leftover` takes; and what went wrong, if anything."""
+        return [], None

@@ -1,39 +1,54 @@
-"""Probe types, one module each. To add a type: write its module, add one line to PROBE_TYPES, add its tests."""
+"""Probe types, one module each. To add a type: write its module, add one line to PROBE_TYPES, add its tests.
+
+A type's module is imported the first time the type is looked up (by a config that uses it), so a daemon runs and a
+config loads without importing the modules of the types nobody configured.
+"""
 
 from __future__ import annotations
 
-from canary.contract import Probe, ProbeSettings
-from probes.gmail import GmailProbe
-from probes.http import HttpProbe
-from probes.kafka import KafkaProbe
-from probes.kafka_dlq import KafkaDlqProbe
-from probes.kafka_lag import KafkaLagProbe
-from probes.llm import LlmProbe
-from probes.postgres import PostgresProbe
-from probes.redis_probe import RedisProbe
-from probes.statuspage import StatuspageProbe
-from probes.tcp import TcpProbe
-from probes.tls import TlsProbe
-from probes.transaction import TransactionProbe
-from probes.twilio_account import TwilioAccountProbe
-from probes.whatsapp import WhatsAppProbe
+import importlib
+from typing import Iterator, Mapping
 
-PROBE_TYPES: dict[str, type[Probe]] = {
-    "gmail": GmailProbe,
-    "http": HttpProbe,
-    "kafka": KafkaProbe,
-    "kafka_dlq": KafkaDlqProbe,
-    "kafka_lag": KafkaLagProbe,
-    "llm": LlmProbe,
-    "postgres": PostgresProbe,
-    "redis": RedisProbe,
-    "statuspage": StatuspageProbe,
-    "tcp": TcpProbe,
-    "tls": TlsProbe,
-    "transaction": TransactionProbe,
-    "twilio": TwilioAccountProbe,
-    "whatsapp": WhatsAppProbe,
+from canary.contract import Probe, ProbeSettings
+
+# Type name → "module:class".
+_TYPES: dict[str, str] = {
+    "gmail": "probes.gmail:GmailProbe",
+    "http": "probes.http:HttpProbe",
+    "kafka": "probes.kafka:KafkaProbe",
+    "kafka_dlq": "probes.kafka_dlq:KafkaDlqProbe",
+    "kafka_lag": "probes.kafka_lag:KafkaLagProbe",
+    "llm": "probes.llm:LlmProbe",
+    "postgres": "probes.postgres:PostgresProbe",
+    "redis": "probes.redis_probe:RedisProbe",
+    "statuspage": "probes.statuspage:StatuspageProbe",
+    "tcp": "probes.tcp:TcpProbe",
+    "tls": "probes.tls:TlsProbe",
+    "transaction": "probes.transaction:TransactionProbe",
+    "twilio": "probes.twilio_account:TwilioAccountProbe",
+    "whatsapp": "probes.whatsapp:WhatsAppProbe",
 }
+
+
+class _Registry(Mapping[str, "type[Probe]"]):
+    """PROBE_TYPES: a read-only mapping of type name to probe class, importing a type's module on first lookup."""
+
+    def __getitem__(self, name: str) -> type[Probe]:
+        module, _, attribute = _TYPES[name].partition(":")
+        probe_type: type[Probe] = getattr(importlib.import_module(module), attribute)
+        return probe_type
+
+    def __contains__(self, name: object) -> bool:
+        return name in _TYPES
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_TYPES)
+
+    def __len__(self) -> int:
+        return len(_TYPES)
+
+
+PROBE_TYPES: Mapping[str, type[Probe]] = _Registry()
 
 
 def build_probe(settings: ProbeSettings) -> Probe:

@@ -6,6 +6,9 @@ Pub/Sub watch is renewed (Gmail drops a watch silently after 7 days). Each run:
 3. `watch`: when the last known watch expiry is unknown or near, renew through the platform's
    `POST /gmail/setup-watch` and check how long the watch now lasts.
 
+The watch expiry learnt by renewing is kept across a reload and a restart (state key: the renewal endpoint, the
+Gmail API and the OAuth client id), so neither renews a watch that has days left. The access token is never kept.
+
 google-auth refreshes synchronously here, in a worker thread, through a requests session that puts a timeout on
 every call. Its async path (`google.oauth2._credentials_async` with `google.auth.transport._aiohttp_requests`) is
 internal, marked experimental, and retries a 5xx from the token endpoint with `time.sleep` (sync backoff) on the
@@ -14,7 +17,7 @@ event loop, stalling every other probe for seconds; `google.auth.aio` has no use
 The credentials file is read when the settings are validated, not when the probe runs: its client secret and
 refresh token must be known secrets from load on (the config's scrubber for logs and messages is built from
 `secret_values()` then), `check-config` catches a missing or malformed file, and a SIGHUP reload picks up a
-rotated one. A relative path is resolved against the daemon's working directory, like every `*_file` key.
+rotated one. In a config file, a relative path is the config file's neighbour, like every `*_file` key.
 """
 
 from __future__ import annotations
@@ -22,21 +25,22 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from datetime import datetime, timezone
+from datetime import timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping
 
 import aiohttp
-import google.auth.transport.requests
-import requests
-from google.auth import exceptions as google_exceptions
-from google.oauth2.credentials import Credentials
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, SecretStr, field_validator, model_validator,
+)
 
 from canary.contract import (
     Duration, Gauge, marker_headers, PhaseTimer, Probe, ProbeSettings, Result, Scrubber, SyntheticHeader, USER_AGENT,
 )
 from probes.transport import LazySession, client_error_result, http_url, read_limited, url_for_humans
+
+if TYPE_CHECKING:
+    from google.auth import exceptions as google_exceptions
 
 WATCH_LIFETIME = 7 * 86400.0
 """How long a Gmail watch lasts after users.watch; the renewal window must fit inside it."""
@@ -75,12 +79,12 @@ def _load_authorized_user(value: Any) -> Any:
         raise ValueError("must be the path of an authorized-user JSON file")
     path = Path(value).expanduser()
     if not path.is_absolute():
-        path = Path.cwd() / path  # the daemon's working directory, like every `*_file` key
+        path = Path.cwd() / path  # loaded from a config file, a relative path was made its neighbour already
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ValueError(f"cannot read {str(path)!r} ({exc.strerror or type(exc).__name__}); "
-                         "a relative path is resolved against the working directory") from None
+                         "a relative path is resolved against the config file's directory") from None
     except (ValueError, UnicodeDecodeError):
         raise ValueError(f"{str(path)!r} is not valid JSON") from None
     if not isinstance(document, dict):
@@ -88,11 +92,13 @@ def _load_authorized_user(value: Any) -> Any:
     kind = document.get("type", "authorized_user")
     if kind != "authorized_user":
         raise ValueError(f"{str(path)!r} holds {kind!r} credentials; the Gmail channel uses an authorized_user file")
-    try:
-        Credentials.from_authorized_user_info(document)  # google-auth's own rules for the format
-    except ValueError as exc:
-        raise ValueError(f"{str(path)!r}: {exc}") from None
     fields = ("client_id", "client_secret", "refresh_token")
+    # What google-auth's Credentials.from_authorized_user_info requires (checked here without importing google-auth,
+    # which is heavy; the probe hands it only these fields and token_uri).
+    missing = [name for name in fields if name not in document]
+    if missing:
+        raise ValueError(f"{str(path)!r}: Authorized user info was not in the expected format, missing fields "
+                         f"{', '.join(missing)}.")
     if not all(isinstance(document[name], str) and document[name] for name in fields):
         raise ValueError(f"{str(path)!r}: client_id, client_secret and refresh_token must be non-empty strings")
     token_uri = document.get("token_uri")
@@ -151,40 +157,12 @@ class GmailSettings(ProbeSettings):
         return f"gmail {url_for_humans(self.gmail_api_url)}"
 
 
-class _TimeoutSession(requests.Session):
-    """Every call gets this session's timeout: google-auth asks for 120 s, which would strand a thread."""
+class _SavedWatch(BaseModel):
+    """The state a Gmail probe keeps: when the watch expires, as the last renewal reported it (Unix seconds)."""
 
-    def __init__(self, timeout: float) -> None:
-        super().__init__()
-        self.call_timeout = timeout
-        self.last_status: int | None = None  # google-auth's RefreshError does not keep the status code
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        kwargs["timeout"] = self.call_timeout
-        response = super().request(*args, **kwargs)
-        self.last_status = response.status_code
-        return response
-
-
-class _Refused(Exception):
-    """google-auth's RefreshError, with the status code of the token endpoint's last answer."""
-
-    def __init__(self, error: google_exceptions.RefreshError, status: int | None) -> None:
-        super().__init__(error, status)
-        self.error = error
-        self.status = status
-
-
-def _refresh(info: dict[str, str], token_uri: str, timeout: float) -> tuple[str, datetime | None]:
-    """Runs in a worker thread: fresh credentials each run, so a late thread never shares state with the next run."""
-    # from_authorized_user_info always sets Google's token URI (it ignores the file's), hence with_token_uri.
-    credentials = Credentials.from_authorized_user_info(info).with_token_uri(token_uri)
-    with _TimeoutSession(timeout) as session:
-        try:
-            credentials.refresh(google.auth.transport.requests.Request(session))
-        except google_exceptions.RefreshError as exc:
-            raise _Refused(exc, session.last_status) from exc
-    return credentials.token, credentials.expiry
+    watch_expiry: FiniteFloat = Field(gt=0)
 
 
 class GmailProbe(Probe[GmailSettings]):
@@ -193,6 +171,7 @@ class GmailProbe(Probe[GmailSettings]):
         "invalid_grant", "auth", "expiry", "status", "rate_limited", "assertion",
         "body", "timeout", "tls", "dns", "connect",
     )
+    libraries = ("probes.gmail_token",)  # google-auth and requests, for the token refresh
 
     def __init__(self, settings: GmailSettings) -> None:
         super().__init__(settings)
@@ -205,6 +184,19 @@ class GmailProbe(Probe[GmailSettings]):
 
     async def close(self) -> None:
         await self._sessions.close()
+
+    def state_key(self) -> str:
+        settings = self.settings
+        return f"{settings.renew_url or ''} {settings.gmail_api_url} {settings.credentials_file.client_id}"
+
+    def export_state(self) -> dict[str, Any]:
+        return {} if self._watch_expiry is None else {"watch_expiry": self._watch_expiry}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        expiry = _SavedWatch.model_validate(state).watch_expiry
+        if expiry > time.time() + WATCH_LIFETIME + 3600:  # an hour of clock slack; a watch never lasts longer
+            raise ValueError("watch_expiry: further ahead than the 7 days a Gmail watch lasts")
+        self._watch_expiry = expiry
 
     async def run(self, timer: PhaseTimer) -> Result:
         gauges: list[Gauge] = []
@@ -228,12 +220,16 @@ class GmailProbe(Probe[GmailSettings]):
     # --- token ---------------------------------------------------------------------------------------------------
 
     async def _token(self, gauges: list[Gauge]) -> str | Result:
+        from google.auth import exceptions as google_exceptions
+
+        from probes.gmail_token import Refused, refresh
+
         settings = self.settings
         token_uri = settings.token_uri()
         timeout = (settings.timeout or _DEFAULT_REQUEST_TIMEOUT) + _TIMEOUT_MARGIN
         try:
-            token, expiry = await asyncio.to_thread(_refresh, settings.credentials_file.info(), token_uri, timeout)
-        except _Refused as refused:
+            token, expiry = await asyncio.to_thread(refresh, settings.credentials_file.info(), token_uri, timeout)
+        except Refused as refused:
             return self._refresh_failure(refused.error, refused.status)
         except google_exceptions.TransportError as exc:
             return _transport_failure(exc, token_uri)
@@ -377,6 +373,8 @@ def _google_error_text(body: bytes) -> str:
 
 
 def _transport_failure(exc: google_exceptions.TransportError, token_uri: str) -> Result:
+    import requests
+
     where = url_for_humans(token_uri)
     cause = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
     if isinstance(cause, requests.exceptions.Timeout):

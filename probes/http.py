@@ -7,9 +7,12 @@ connector that marks when TCP is up, so TLS is timed apart from connect.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import ssl
+import weakref
+from contextvars import ContextVar
 from time import perf_counter
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -26,12 +29,13 @@ from probes.jsonpath import is_missing, lookup, parse_path
 from probes.patterns import RegexTimeout, compile_regex, search
 from probes.transport import (
     CaFile, ExpectedStatuses, HttpUrl, RedirectRefused, client_error_result, client_tls_context, read_limited,
-    request_following_redirects, secret_headers, status_matches,
+    request_following_redirects, secret_headers, status_matches, transient_wait,
 )
 
 JsonScalar = str | int | float | bool | None
 _CHANNEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _MAX_CHANNELS = 32
+_MAX_STATE_SHOWN = 40  # characters of a down channel's state shown in the message
 _DEFAULT_TIMEOUT = 10.0  # settings built outside a config file carry no timeout
 _CHECK_MARGIN = 0.25  # a body regex gives up this long before the run's timeout, so its own failure is reported
 
@@ -98,22 +102,94 @@ class _PhaseRecorder(SimpleNamespace):
     connect_started: float
     dns_seconds: float
     tcp_connected: float
+    tls_requested: bool
+
+
+# The run a connection is being made for. Connections are made in the probe's own task (or in tasks copied from
+# it), so one connector serves every probe and still marks the moment TCP is up in the right run's recorder.
+_RECORDER: ContextVar[_PhaseRecorder | None] = ContextVar("http_probe_recorder", default=None)
 
 
 class _TimedConnector(aiohttp.TCPConnector):
     """Marks the moment TCP is up: asyncio builds the protocol right after the socket connects, before TLS."""
 
-    tcp_connected_at = 0.0
-    tls_requested = False
-
     async def _wrap_create_connection(self, protocol_factory: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        self.tls_requested = bool(kwargs.get("ssl"))
+        recorder = _RECORDER.get()
+        if recorder is not None:
+            recorder.tls_requested = bool(kwargs.get("ssl"))
 
         def timed_factory() -> Any:
-            self.tcp_connected_at = perf_counter()
+            if recorder is not None:
+                recorder.tcp_connected = perf_counter()
             return protocol_factory()
 
         return await super()._wrap_create_connection(timed_factory, *args, **kwargs)
+
+
+def _new_session(ssl_context: ssl.SSLContext, fresh: bool) -> aiohttp.ClientSession:
+    connector = _TimedConnector(
+        force_close=fresh, use_dns_cache=not fresh, limit=0 if fresh else 1, ssl=ssl_context,
+        enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        trace_configs=[_trace_config()],
+        timeout=aiohttp.ClientTimeout(total=None),  # the runner owns the timeout
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=True,
+    )
+
+
+class _SharedSessions:
+    """One session per TLS context (and event loop) for every fresh-connection probe.
+
+    A fresh-connection probe keeps nothing between runs (its connection closes after each answer, no cookies), so
+    10,000 of them need not hold 10,000 sessions and connectors (~6 KB each), nor build one on their first run
+    while other probes are due. A session lives while a probe uses it and closes with the last one."""
+
+    def __init__(self) -> None:
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, tuple[aiohttp.ClientSession, int]]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def acquire(self, ssl_context: ssl.SSLContext) -> aiohttp.ClientSession:
+        sessions = self._by_loop.setdefault(asyncio.get_running_loop(), {})
+        session, users = sessions.get(id(ssl_context), (None, 0))
+        if session is None or session.closed:
+            session = _new_session(ssl_context, fresh=True)
+        sessions[id(ssl_context)] = (session, users + 1)
+        return session
+
+    async def release(self, ssl_context: ssl.SSLContext) -> None:
+        sessions = self._by_loop.get(asyncio.get_running_loop(), {})
+        session, users = sessions.get(id(ssl_context), (None, 0))
+        if session is None:
+            return
+        if users > 1:
+            sessions[id(ssl_context)] = (session, users - 1)
+            return
+        del sessions[id(ssl_context)]
+        await session.close()
+
+
+_SHARED = _SharedSessions()
+_TRACE: aiohttp.TraceConfig | None = None
+
+
+def _trace_config() -> aiohttp.TraceConfig:
+    """One trace config for every session: its callbacks keep their state in the run's recorder, not here."""
+    global _TRACE
+    if _TRACE is None:
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_start.append(_on_connect_start)
+        trace.on_dns_resolvehost_start.append(_on_dns_start)
+        trace.on_dns_resolvehost_end.append(_on_dns_end)
+        trace.on_connection_create_end.append(_on_connect_end)
+        trace.on_connection_reuseconn.append(_on_reuse)
+        trace.on_request_end.append(_on_headers_received)
+        trace.freeze()
+        _TRACE = trace
+    return _TRACE
 
 
 class HttpProbe(Probe[HttpSettings]):
@@ -123,7 +199,7 @@ class HttpProbe(Probe[HttpSettings]):
     def __init__(self, settings: HttpSettings) -> None:
         super().__init__(settings)
         self._session: aiohttp.ClientSession | None = None
-        self._connector: _TimedConnector | None = None
+        self._shared = False  # the session is one of _SHARED's, released (not closed) on close()
         self._json_checks = [(path, parse_path(path), expected) for path, expected in settings.expect_json.items()]
         self._channel_map = parse_path(settings.channel_map) if settings.channel_map else None
         self._body_regex = compile_regex(settings.expect_body_regex) if settings.expect_body_regex else None
@@ -136,48 +212,26 @@ class HttpProbe(Probe[HttpSettings]):
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            fresh = self.settings.fresh_connection
-            self._connector = _TimedConnector(
-                force_close=fresh, use_dns_cache=not fresh, limit=1, ssl=self._ssl, enable_cleanup_closed=False
-            )
-            trace = aiohttp.TraceConfig()
-            trace.on_connection_create_start.append(_on_connect_start)
-            trace.on_dns_resolvehost_start.append(_on_dns_start)
-            trace.on_dns_resolvehost_end.append(_on_dns_end)
-            trace.on_connection_create_end.append(self._on_connect_end)
-            trace.on_connection_reuseconn.append(_on_reuse)
-            trace.on_request_end.append(_on_headers_received)
-            self._session = aiohttp.ClientSession(
-                connector=self._connector,
-                trace_configs=[trace],
-                timeout=aiohttp.ClientTimeout(total=None),  # the runner owns the timeout
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=True,
-            )
+            if self.settings.fresh_connection:
+                self._session, self._shared = _SHARED.acquire(self._ssl), True
+            else:  # a kept-alive connection is this probe's own: its reuse is what the probe measures
+                self._session = _new_session(self._ssl, fresh=False)
         return self._session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    async def _on_connect_end(self, session: Any, ctx: Any, params: Any) -> None:
-        recorder: _PhaseRecorder = ctx.trace_request_ctx
-        now = perf_counter()
-        tcp_up = self._connector.tcp_connected_at if self._connector else 0.0
-        timer = recorder.timer
-        if tcp_up > recorder.connect_started:
-            timer.record("connect", tcp_up - recorder.connect_started - recorder.dns_seconds)
-            if self._connector is not None and self._connector.tls_requested:
-                timer.record("tls", now - tcp_up)
+        session, self._session = self._session, None
+        if session is None:
+            return
+        if self._shared:
+            await _SHARED.release(self._ssl)
         else:
-            timer.record("connect", now - recorder.connect_started - recorder.dns_seconds)
-        timer.begin("first_byte")
+            await session.close()
 
     async def run(self, timer: PhaseTimer) -> Result:
         deadline = perf_counter() + (self.settings.timeout or _DEFAULT_TIMEOUT)
         session = self._ensure_session()
-        recorder = _PhaseRecorder(timer=timer, connect_started=0.0, dns_seconds=0.0)
-        self._connector.tcp_connected_at = 0.0  # type: ignore[union-attr]
+        recorder = _PhaseRecorder(timer=timer, connect_started=0.0, dns_seconds=0.0, tcp_connected=0.0, tls_requested=False)
+        token = _RECORDER.set(recorder)
         timer.begin("first_byte")
         try:
             answer = await self._fetch(session, recorder)
@@ -185,12 +239,17 @@ class HttpProbe(Probe[HttpSettings]):
             return Result.fail("redirect", str(exc))
         except aiohttp.ClientError as exc:
             return client_error_result(exc)
-        status, reason_phrase, body, error = answer
+        finally:
+            _RECORDER.reset(token)
+        status, reason_phrase, body, error, wait = answer
         if error:
             return Result.fail("body", error)
-        return await self._judge(status, reason_phrase, body, deadline)
+        return await self._judge(status, reason_phrase, body, deadline, wait)
 
-    async def _fetch(self, session: aiohttp.ClientSession, recorder: _PhaseRecorder) -> tuple[int, str, bytes, str]:
+    async def _fetch(
+        self, session: aiohttp.ClientSession, recorder: _PhaseRecorder
+    ) -> tuple[int, str, bytes, str, float | None]:
+        """Status, reason phrase, body, why the body could not be read, and whether a failed status is transient."""
         settings = self.settings
         async with request_following_redirects(
             session, settings.method, self._url, headers=self._headers,
@@ -202,19 +261,20 @@ class HttpProbe(Probe[HttpSettings]):
             recorder.timer.begin("transfer")
             body, error = await read_limited(response, settings.max_body_bytes)
             recorder.timer.end("transfer")
-            return response.status, response.reason or "", body, error
+            return response.status, response.reason or "", body, error, transient_wait(response.status, response.headers)
 
-    async def _judge(self, status: int, reason_phrase: str, body: bytes, deadline: float) -> Result:
+    async def _judge(self, status: int, reason_phrase: str, body: bytes, deadline: float, wait: float | None) -> Result:
         settings = self.settings
         summary = f"HTTP {status} {reason_phrase}".rstrip()
         checks: list[Check] = []
         if not status_matches(status, settings.expect_status):
             expected = ", ".join(str(s) for s in settings.expect_status)
             checks.append(Check(False, f"[STATUS] {status} in ({expected})"))
-            return Result.fail("status", f"{summary}, expected {expected}", checks=tuple(checks))
+            return Result.fail("status", f"{summary}, expected {expected}", checks=tuple(checks), retry_after=wait)
         checks.append(Check(True, f"[STATUS] {status}"))
 
         channels: dict[str, bool] = {}
+        down: list[str] = []  # "channel whatsapp reported inactive", for each channel the platform reports down
         if self._json_checks or self._channel_map:
             try:
                 document = json.loads(body)
@@ -227,7 +287,7 @@ class HttpProbe(Probe[HttpSettings]):
                 shown = "missing" if is_missing(actual) else self._scrub(json.dumps(actual))[:80]
                 checks.append(Check(passed, f"[JSON] {path} == {json.dumps(expected)} (got {shown})"))
             if self._channel_map:
-                channels = self._read_channels(document)
+                channels, down = self._read_channels(document)
 
         text = body.decode("utf-8", "replace")
         for pattern, wanted, verb in ((self._body_regex, True, "matches"), (self._body_not_regex, False, "does not match")):
@@ -243,23 +303,29 @@ class HttpProbe(Probe[HttpSettings]):
             checks.append(Check((found is not None) == wanted, shown))
 
         failed = [check.text for check in checks if not check.passed]
-        down = sorted(name for name, up in channels.items() if not up)
+        # The channels the platform reports down come first: they say what broke, the failed checks only that it did.
+        note = f"; {', '.join(down)}" if down else ""
         if failed:
-            return Result.fail("assertion", f"{summary}; failed: {'; '.join(failed)}", checks=tuple(checks), channels=channels)
-        note = f"; platform reports down: {', '.join(down)}" if down else ""
+            return Result.fail("assertion", f"{summary}{note}; failed: {'; '.join(failed)}", checks=tuple(checks), channels=channels)
         return Result.ok(f"{summary}, {len(body)} bytes{note}", checks=tuple(checks), channels=channels)
 
-    def _read_channels(self, document: Any) -> dict[str, bool]:
+    def _read_channels(self, document: Any) -> tuple[dict[str, bool], list[str]]:
+        """Channel → up, and a phrase for each channel that is down saying what the platform called its state."""
         mapping = lookup(document, self._channel_map) if self._channel_map else None
         if not isinstance(mapping, dict):
-            return {}
+            return {}, []
         up_values = {value.lower() for value in self.settings.channel_up_values}
         channels: dict[str, bool] = {}
+        down: list[str] = []
         for name, state in list(mapping.items())[:_MAX_CHANNELS]:
             label = str(name).lower()
-            if _CHANNEL_NAME.match(label):  # a label value must stay bounded and tidy
-                channels[label] = state is True or str(state).lower() in up_values
-        return channels
+            if not _CHANNEL_NAME.match(label):  # a label value must stay bounded and tidy
+                continue
+            channels[label] = state is True or str(state).lower() in up_values
+            if not channels[label]:
+                shown = state if isinstance(state, str) and state else json.dumps(state)  # "" and null shown as JSON
+                down.append(f"channel {label} reported {self._scrub(shown)[:_MAX_STATE_SHOWN]}")
+        return channels, sorted(down)
 
 
 async def _on_connect_start(session: Any, ctx: Any, params: Any) -> None:
@@ -267,6 +333,19 @@ async def _on_connect_start(session: Any, ctx: Any, params: Any) -> None:
     recorder.connect_started = perf_counter()
     recorder.dns_seconds = 0.0
     recorder.timer.begin("connect")
+
+
+async def _on_connect_end(session: Any, ctx: Any, params: Any) -> None:
+    recorder: _PhaseRecorder = ctx.trace_request_ctx
+    now = perf_counter()
+    timer = recorder.timer
+    if recorder.tcp_connected > recorder.connect_started:
+        timer.record("connect", recorder.tcp_connected - recorder.connect_started - recorder.dns_seconds)
+        if recorder.tls_requested:
+            timer.record("tls", now - recorder.tcp_connected)
+    else:
+        timer.record("connect", now - recorder.connect_started - recorder.dns_seconds)
+    timer.begin("first_byte")
 
 
 async def _on_dns_start(session: Any, ctx: Any, params: Any) -> None:

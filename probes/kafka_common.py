@@ -7,36 +7,21 @@ from __future__ import annotations
 import asyncio
 import ssl
 from contextlib import AsyncExitStack
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from aiokafka import AIOKafkaConsumer
-from aiokafka import errors as kafka_errors
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from canary.contract import USER_AGENT, ProbeSettings, Result, parse_host_port, spelled
 from probes.transport import CaFile, client_tls_context
 
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.admin import AIOKafkaAdminClient
+
 CLOSE_TIMEOUT = 2.0
 DEFAULT_TIMEOUT = 10.0
-
-_CONNECT_ERRORS = (
-    kafka_errors.KafkaConnectionError,
-    kafka_errors.NodeNotReadyError,
-    kafka_errors.NoBrokersAvailable,
-    kafka_errors.KafkaUnavailableError,
-    kafka_errors.BrokerNotAvailableError,
-    kafka_errors.RequestTimedOutError,
-    ConnectionError,
-)
-_AUTH_ERRORS = (
-    kafka_errors.AuthenticationFailedError,
-    kafka_errors.AuthenticationMethodNotSupported,
-    kafka_errors.UnsupportedSaslMechanismError,
-    kafka_errors.IllegalSaslStateError,
-    kafka_errors.TopicAuthorizationFailedError,
-    kafka_errors.GroupAuthorizationFailedError,
-    kafka_errors.ClusterAuthorizationFailedError,
-)
+KAFKA_LIBRARIES = ("aiokafka", "aiokafka.admin")
+"""What the Kafka probe types import when they run (not before: aiokafka is one of the heavy imports)."""
 
 TopicName = spelled(r"[A-Za-z0-9._-]{1,249}", "a Kafka topic name: 1 to 249 letters, digits, '.', '_' or '-'")
 """A Kafka topic name (the characters Kafka allows, at most 249 of them)."""
@@ -113,31 +98,82 @@ async def stop_quietly(client: _Stoppable) -> None:
         pass
 
 
-async def start_consumer(stack: AsyncExitStack, settings: KafkaSettings, group_id: str | None) -> AIOKafkaConsumer:
-    """A consumer that never subscribes (so never joins a group), registered to be stopped when `stack` closes."""
-    consumer = AIOKafkaConsumer(group_id=group_id, enable_auto_commit=False, **settings.client_options())
+async def start_consumer(
+    stack: AsyncExitStack, settings: KafkaSettings, group_id: str | None, **options: Any
+) -> AIOKafkaConsumer:
+    """A consumer that never subscribes (so never joins a group), registered to be stopped when `stack` closes.
+    `options` are further aiokafka consumer options (fetch sizes, offset reset)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(group_id=group_id, enable_auto_commit=False, **settings.client_options(), **options)
     stack.push_async_callback(stop_quietly, consumer)
     await consumer.start()
     return consumer
 
 
+async def start_admin(stack: AsyncExitStack, settings: KafkaSettings) -> AIOKafkaAdminClient:
+    """An admin client with the probe's connection settings and timeouts, registered to be closed when `stack`
+    closes (within CLOSE_TIMEOUT, like the other clients)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**settings.client_options())
+
+    async def close() -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(admin.close()), CLOSE_TIMEOUT)
+        except Exception:  # noqa: BLE001 - closing is best effort; the run's result is already decided
+            pass
+
+    stack.push_async_callback(close)
+    await admin.start()
+    return admin
+
+
 def kafka_error_result(exc: BaseException, during: str) -> Result:
     """An aiokafka (or socket/TLS) error as a failed Result; `during` names what the probe was doing."""
+    from aiokafka import errors as kafka_errors
+
+    connect_errors = (
+        kafka_errors.KafkaConnectionError,
+        kafka_errors.NodeNotReadyError,
+        kafka_errors.NoBrokersAvailable,
+        kafka_errors.KafkaUnavailableError,
+        kafka_errors.BrokerNotAvailableError,
+        kafka_errors.RequestTimedOutError,
+        ConnectionError,
+    )
+    auth_errors = (
+        kafka_errors.AuthenticationFailedError,
+        kafka_errors.AuthenticationMethodNotSupported,
+        kafka_errors.UnsupportedSaslMechanismError,
+        kafka_errors.IllegalSaslStateError,
+        kafka_errors.TopicAuthorizationFailedError,
+        kafka_errors.GroupAuthorizationFailedError,
+        kafka_errors.ClusterAuthorizationFailedError,
+    )
     name, text = type(exc).__name__, str(exc)
     detail = text if text.startswith(name) else f"{name}: {text}" if text else name
     if isinstance(exc, ssl.SSLError) or isinstance(exc.__cause__, ssl.SSLError):
         return Result.fail("tls", f"TLS with the broker failed during {during}: {detail}")
-    if isinstance(exc, _AUTH_ERRORS):
+    if isinstance(exc, auth_errors):
         return Result.fail("auth", f"the broker refused the credentials or ACLs during {during}: {detail}")
     if isinstance(exc, kafka_errors.KafkaTimeoutError):
         return Result.fail("timeout", f"the broker did not answer in time during {during}: {detail}")
     if text.removeprefix(f"{name}: ").startswith("Unable to bootstrap"):
         # aiokafka logs each server's own error (refused, SASL, TLS) and raises this with a list of socket tuples.
         detail = "no bootstrap server answered (refused, unreachable, or TLS/SASL refused; see the aiokafka log)"
-    if isinstance(exc, (*_CONNECT_ERRORS, OSError)):
+    if isinstance(exc, (*connect_errors, OSError)):
         return Result.fail("connect", f"broker unreachable during {during}: {detail}")
     return Result.fail("status", f"the broker answered with an error during {during}: {detail}")
 
 
-KAFKA_ERRORS = (kafka_errors.KafkaError, OSError)
-"""What an aiokafka call may raise for an expected failure (everything else is a bug for the runner to report)."""
+def __getattr__(name: str) -> Any:
+    """`KAFKA_ERRORS`: what an aiokafka call may raise for an expected failure (everything else is a bug for the
+    runner to report). Built on first use, which is at run time (the probe modules import it inside `run`), so
+    validating a config never imports aiokafka."""
+    if name == "KAFKA_ERRORS":
+        from aiokafka import errors as kafka_errors
+
+        globals()[name] = errors = (kafka_errors.KafkaError, OSError)
+        return errors
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

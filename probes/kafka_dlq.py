@@ -13,13 +13,15 @@ different runbooks, so each gets its own channel, interval and alert; its baseli
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from aiokafka import TopicPartition
 from pydantic import Field
 
 from canary.contract import Gauge, PhaseTimer, Probe, Result
-from probes.kafka_common import KAFKA_ERRORS, KafkaSettings, TopicName, kafka_error_result, start_consumer
+from probes.kafka_common import KAFKA_LIBRARIES, KafkaSettings, TopicName, kafka_error_result, start_consumer
+
+if TYPE_CHECKING:
+    from aiokafka import TopicPartition
 
 
 class KafkaDlqSettings(KafkaSettings):
@@ -36,12 +38,17 @@ class KafkaDlqProbe(Probe[KafkaDlqSettings]):
     settings_model = KafkaDlqSettings
     reasons = ("connect", "timeout", "auth", "tls", "status", "assertion", "threshold")
     figure_labels = frozenset({"topic"})
+    libraries = KAFKA_LIBRARIES
 
     def __init__(self, settings: KafkaDlqSettings) -> None:
         super().__init__(settings)
         self._last_ends: dict[str, int] = {}
 
     async def run(self, timer: PhaseTimer) -> Result:
+        from aiokafka import TopicPartition
+
+        from probes.kafka_common import KAFKA_ERRORS
+
         try:
             async with AsyncExitStack() as stack:
                 with timer.phase("connect"):

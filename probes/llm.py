@@ -3,7 +3,8 @@
 Each run asks `GET /models` whether the model is still served, then times one `POST /chat/completions` capped at
 one token (the `completion` phase). The rate-limit headers Groq and OpenAI send on every answer become gauges, and
 the run fails before the quota runs out (`min_headroom`). A 429's `retry-after` is honoured: until it passes, runs
-fail fast without sending anything, so the canary never adds to the load that got it limited.
+fail fast without sending anything, so the canary never adds to the load that got it limited. The back-off is kept
+across a reload and a restart (state key: base_url and model), stored as the wall-clock time it ends.
 
 Plain aiohttp rather than the `openai` package: two small JSON calls, the raw headers of every answer, no retries
 of its own and no extra dependency; the runner's cancellation bounds every call.
@@ -15,26 +16,26 @@ import difflib
 import json
 import math
 import re
+import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from email.utils import parsedate_to_datetime
 from time import monotonic, perf_counter
 from typing import Any, Literal, Mapping
 
 import aiohttp
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, SecretStr, field_validator
 from yarl import URL
 
 from canary.contract import (
     Duration, format_duration, Gauge, PhaseTimer, Probe, ProbeSettings, Result, Scrubber, USER_AGENT,
 )
-from probes.transport import LazySession, client_error_result, read_limited
+from probes.transport import MAX_RETRY_AFTER, LazySession, client_error_result, parse_retry_after, read_limited
 
 DEFAULT_BASE_URL = "https://api.groq.com/openai/v1"
 DEFAULT_MODEL = "meta-llama/llama-4-scout-17b-16e-instruct"
 DEFAULT_PROMPT = "Reply with the single word OK. (synthetic canary check)"
 RATE_LIMIT_KINDS = ("requests", "tokens")
-MAX_BACKOFF_SECONDS = 3600.0  # a bogus retry-after must not silence the probe for days
+MAX_BACKOFF_SECONDS = MAX_RETRY_AFTER  # a bogus retry-after must not silence the probe for days
 _MAX_BODY_BYTES = 2_097_152
 _MAX_PROVIDER_TEXT = 200
 _NEAREST_IDS = 3
@@ -130,25 +131,6 @@ def parse_reset(text: str | None) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
-def parse_retry_after(text: str | None, now: datetime | None = None) -> float | None:
-    """RFC 9110 Retry-After: delay-seconds or an HTTP date, as seconds from now (never negative)."""
-    if text is None or not text.strip():
-        return None
-    try:
-        seconds = float(text.strip())
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(text.strip())
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return min(max(seconds, 0.0), MAX_BACKOFF_SECONDS)
-
-
 def read_rate_limits(headers: Mapping[str, str]) -> list[RateLimit]:
     """The `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers Groq and OpenAI send."""
     limits = []
@@ -213,6 +195,23 @@ def nearest_models(model: str, served: list[str]) -> list[str]:
     return [_bounded(name, 80) for name in (close or sorted(served)[:_NEAREST_IDS])]
 
 
+class _SavedQuota(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    kind: Literal["requests", "tokens"]
+    limit: FiniteFloat | None = None
+    remaining: FiniteFloat | None = None
+
+
+class _SavedBackoff(BaseModel):
+    """The back-off as exported: when it ends (Unix seconds) and the quotas the 429 reported."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    retry_at: FiniteFloat
+    quotas: list[_SavedQuota] = Field(default_factory=list, max_length=len(RATE_LIMIT_KINDS))
+
+
 class LlmProbe(Probe[LlmSettings]):
     settings_model = LlmSettings
     reasons = (
@@ -226,7 +225,7 @@ class LlmProbe(Probe[LlmSettings]):
         self._base = URL(settings.base_url)
         self._retry_at = 0.0  # monotonic time before which the provider asked not to be called
         self._retry_at_utc: datetime | None = None
-        self._limited_gauges: tuple[Gauge, ...] = ()
+        self._limited: tuple[RateLimit, ...] = ()  # the quotas the 429 reported, shown while backing off
         self._scrub = Scrubber(settings.secret_values())
         self._headers = {
             "Authorization": f"Bearer {settings.api_key.get_secret_value()}",
@@ -237,6 +236,29 @@ class LlmProbe(Probe[LlmSettings]):
 
     async def close(self) -> None:
         await self._sessions.close()
+
+    def state_key(self) -> str:
+        return f"{self.settings.base_url} {self.settings.model}"
+
+    def export_state(self) -> dict[str, Any]:
+        if self._retry_at_utc is None or self._retry_at - monotonic() <= 0:
+            return {}
+        quotas = [{"kind": q.kind, "limit": q.limit, "remaining": q.remaining} for q in self._limited]
+        return {"retry_at": self._retry_at_utc.timestamp(), "quotas": quotas}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        saved = _SavedBackoff.model_validate(state)
+        if len({q.kind for q in saved.quotas}) != len(saved.quotas):
+            raise ValueError("quotas: a kind appears twice")  # it would export one series twice
+        waiting = saved.retry_at - time.time()
+        if waiting > MAX_BACKOFF_SECONDS + 60:  # a little clock slack; anything longer was never ours
+            raise ValueError(f"a back-off of {format_duration(waiting)} is longer than the probe ever keeps "
+                             f"({format_duration(MAX_BACKOFF_SECONDS)})")
+        if waiting <= 0:
+            return
+        self._retry_at = monotonic() + waiting
+        self._retry_at_utc = datetime.fromtimestamp(saved.retry_at, timezone.utc)
+        self._limited = tuple(RateLimit(q.kind, q.limit, q.remaining, None) for q in saved.quotas)
 
     async def run(self, timer: PhaseTimer) -> Result:
         result = await self._run(timer)
@@ -312,7 +334,7 @@ class LlmProbe(Probe[LlmSettings]):
         if wait is not None and wait > 0:
             self._retry_at = monotonic() + wait
             self._retry_at_utc = datetime.now(timezone.utc) + timedelta(seconds=wait)
-            self._limited_gauges = tuple(g for g in gauges if g.name != "llm_ratelimit_reset_seconds")
+            self._limited = tuple(replace(q, reset_seconds=None) for q in read_rate_limits(answer.headers))
             note = f"; not calling again before {_clock(self._retry_at_utc)} (retry-after {format_duration(wait)})"
         return Result.fail("rate_limited", f"the provider rate-limited the canary: HTTP 429 on {call}{said}{note}",
                            gauges=gauges)
@@ -323,7 +345,7 @@ class LlmProbe(Probe[LlmSettings]):
             "rate_limited",
             f"not calling the provider: it answered 429 and asked to wait; will try again at {when} "
             f"(in {format_duration(waiting)}); no request sent",
-            gauges=self._limited_gauges,
+            gauges=tuple(rate_limit_gauges(list(self._limited))),
         )
 
     def _model_missing(self, answer: _Answer) -> Result | None:

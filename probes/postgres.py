@@ -9,13 +9,15 @@ import ssl
 from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
 from canary.contract import Duration, Gauge, PhaseTimer, Probe, ProbeSettings, Result, spelled
+
+if TYPE_CHECKING:
+    import asyncpg
 
 
 _HEALTH_SQL = """
@@ -79,8 +81,11 @@ class PostgresProbe(Probe[PostgresSettings]):
     settings_model = PostgresSettings
     reasons = ("connect", "auth", "tls", "timeout", "query", "threshold")
     figure_labels = frozenset({"query"})
+    libraries = ("asyncpg",)
 
     async def run(self, timer: PhaseTimer) -> Result:
+        import asyncpg
+
         settings = self.settings
         timer.begin("connect")
         try:
@@ -145,6 +150,8 @@ class PostgresProbe(Probe[PostgresSettings]):
 
     async def _run_queries(self, connection: asyncpg.Connection) -> list[float] | Result:
         """Every user query runs in one READ ONLY transaction under a statement timeout: a canary never writes."""
+        import asyncpg
+
         values: list[float] = []
         timeout_ms = max(1, round(self.settings.statement_timeout * 1000))  # 0 would mean "no limit"
         async with connection.transaction(readonly=True):

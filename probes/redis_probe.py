@@ -8,18 +8,16 @@ own retries are switched off: a canary reports the first failure instead of hidi
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import redis.asyncio as aioredis
 from pydantic import Field, SecretStr, field_validator
-from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 from yarl import URL
 
 from canary.contract import Duration, Gauge, PhaseTimer, Probe, ProbeSettings, Result
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
 
 _SCHEMES = ("redis", "rediss")
 _CLOSE_TIMEOUT = 2.0
@@ -56,8 +54,14 @@ class RedisSettings(ProbeSettings):
 class RedisProbe(Probe[RedisSettings]):
     settings_model = RedisSettings
     reasons = ("connect", "auth", "timeout", "query", "threshold")
+    libraries = ("redis.asyncio",)
 
     async def run(self, timer: PhaseTimer) -> Result:
+        import redis.asyncio as aioredis
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
+        from redis.retry import Retry
+
         settings = self.settings
         client = aioredis.Redis.from_url(
             settings.url.get_secret_value(),
@@ -105,6 +109,10 @@ class RedisProbe(Probe[RedisSettings]):
 
 
 def _error_result(exc: RedisError, phase: str) -> Result:
+    from redis.exceptions import AuthenticationError, ResponseError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, AuthenticationError):
         return Result.fail("auth", f"Redis refused the credentials: {detail}")

@@ -18,8 +18,6 @@ from typing import Literal
 
 from pydantic import Field
 
-from cryptography import x509
-
 from canary.contract import Gauge, PhaseTimer, Probe, ProbeSettings, Result
 from probes.transport import CaFile, certificate_problem, client_tls_context, close_writer, connect_error_result
 
@@ -43,6 +41,7 @@ class TlsProbe(Probe[TlsSettings]):
     settings_model = TlsSettings
     reasons = ("dns", "connect", "tls", "expiry")
     figure_labels = frozenset({"version"})
+    libraries = ("cryptography.x509",)
 
     def __init__(self, settings: TlsSettings) -> None:
         super().__init__(settings)
@@ -170,6 +169,8 @@ def leaf_not_after(ssl_object: ssl.SSLObject) -> float | None:
 
 
 def _der_not_after(der: bytes) -> float | None:
+    from cryptography import x509
+
     return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
 
 

@@ -7,6 +7,13 @@ mid-run, shielded from the run's cancellation and bounded by `cleanup_timeout` (
 canary never leaves a ticket behind; a run therefore lasts at most `timeout + cleanup_timeout`. A failed cleanup
 is reported on its own (reason `cleanup`).
 
+What a `kill -9` would leave behind is covered too: the moment a step extracts a value a cleanup step needs (the
+ticket id), the run records it in the object ledger (canary/ledger.py), and settles the entry once its cleanup
+removed the ticket; the janitor (canary/janitor.py) removes leftovers later through `remove_leftover`, with the
+current config's cleanup steps. Only the values the cleanup steps use are recorded, never one a secret-named header
+carries. An optional `sweep` lists the platform's tickets, picks the synthetic ones by their marker and age, and
+hands their ids to the same cleanup steps (`find_leftovers`).
+
 Each run has its own cookie jar, pinned to the platform's origin, so a login step's session cookie reaches the
 later steps (a login → form with a CSRF token → submit flow) but never another server or the next run.
 """
@@ -20,7 +27,8 @@ import re
 import secrets
 import time
 from dataclasses import replace
-from typing import Any, Literal
+from datetime import datetime, timezone
+from typing import Any, Literal, Mapping
 from urllib.parse import quote
 
 import aiohttp
@@ -35,7 +43,7 @@ from probes.cleanup import ShieldedCleanups
 from probes.conditions import Condition, parse_condition
 from probes.transport import (
     ExpectedStatuses, client_error_result, client_tls_context, http_url, new_session, OriginCookieJar, read_limited,
-    RedirectRefused, request_following_redirects, secret_headers, status_matches, Url, url_for_humans,
+    RedirectRefused, request_following_redirects, secret_headers, status_matches, transient_wait, Url, url_for_humans,
     without_credentials,
 )
 from probes.jsonpath import is_missing, lookup, parse_path
@@ -98,6 +106,52 @@ class Step(BaseModel):
         return set(_VARIABLE.findall(json.dumps([self.url, self.headers, self.body, self.body_json, self.form])))
 
 
+class Sweep(BaseModel):
+    """Find synthetic tickets on the platform that no ledger knows of (a run killed between its submit and the
+    answer): GET a listing, take the items at `items`, keep those every `match` condition holds for and whose
+    `created` time is older than `min_age`, and run the cleanup steps with each one's `extract`ed values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    expect_status: ExpectedStatuses = Field(default_factory=lambda: ["2xx"])
+    max_body_bytes: int = Field(default=4_194_304, gt=0)
+    items: str
+    match: list[str] = Field(min_length=1)
+    created: str
+    extract: dict[str, str] = Field(min_length=1)
+    every: Duration = 600.0
+    # Younger synthetic tickets may belong to a run in flight (of this process, or of another replica or shard).
+    min_age: Duration = 600.0
+
+    @field_validator("items", "created")
+    @classmethod
+    def _valid_path(cls, path: str) -> str:
+        parse_path(path)
+        return path
+
+    @field_validator("match")
+    @classmethod
+    def _valid_conditions(cls, conditions: list[str]) -> list[str]:
+        for condition in conditions:
+            parse_condition(condition)
+        return conditions
+
+    @field_validator("extract")
+    @classmethod
+    def _valid_extract(cls, extract: dict[str, str]) -> dict[str, str]:
+        for variable, path in extract.items():
+            if not re.fullmatch(r"[a-z_][a-z0-9_]*", variable):
+                raise ValueError(f"variable name {variable!r} must be lower-case letters, digits and _")
+            parse_path(path)
+        return extract
+
+    def as_step(self) -> Step:
+        return Step(name="sweep", url=self.url, headers=self.headers, expect_status=self.expect_status,
+                    max_body_bytes=self.max_body_bytes)
+
+
 class TransactionSettings(ProbeSettings):
     type: Literal["transaction"] = "transaction"
     base_url: str = ""
@@ -107,6 +161,7 @@ class TransactionSettings(ProbeSettings):
     steps: list[Step] = Field(min_length=1)
     cleanup: list[Step] = Field(default_factory=list)
     cleanup_timeout: Duration = 5.0
+    sweep: Sweep | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -134,7 +189,34 @@ class TransactionSettings(ProbeSettings):
         for step in [*self.steps, *self.cleanup]:
             if not self.base_url and not URL(_VARIABLE.sub("x", step.url)).is_absolute():
                 raise ValueError(f"step {step.name!r} has a relative url but no base_url is set")
+        if self.sweep is not None:
+            self._check_sweep(self.sweep)
         return self
+
+    def _check_sweep(self, sweep: Sweep) -> None:
+        if not self.cleanup:
+            raise ValueError("sweep needs cleanup steps: they remove what it finds")
+        needed = {variable for step in self.cleanup for variable in step.variables_used()}
+        if needed - set(sweep.extract):
+            raise ValueError(f"sweep.extract must give every value the cleanup steps use (missing: "
+                             f"{', '.join(sorted(needed - set(sweep.extract)))})")
+        if sweep.as_step().variables_used() - {"timestamp"}:
+            raise ValueError("sweep.url and sweep.headers may use no variable but {timestamp}")
+        if not self.base_url and not URL(sweep.url).is_absolute():
+            raise ValueError("sweep has a relative url but no base_url is set")
+
+    def check_timing(self, timeout: float, inherited_from: str | None) -> str | None:
+        if self.sweep is not None and self.sweep.min_age < timeout + self.cleanup_timeout:
+            return (f"sweep.min_age: {format_duration(self.sweep.min_age)} is shorter than a run may last (timeout "
+                    f"{format_duration(timeout)} + cleanup_timeout {format_duration(self.cleanup_timeout)}): it could "
+                    "delete the ticket of a run in flight")
+        return None
+
+    def leaves_objects(self) -> bool:
+        return bool(self.cleanup)
+
+    def sweep_interval(self) -> float | None:
+        return self.sweep.every if self.sweep is not None else None
 
     def cookie_origin(self) -> str:
         """The one origin a run keeps cookies for: base_url's, or the first step's when every URL is absolute."""
@@ -151,6 +233,8 @@ class TransactionSettings(ProbeSettings):
         found = super().secret_values()
         for headers in [self.headers, *(step.headers for step in [*self.steps, *self.cleanup])]:
             found += secret_headers(headers)
+        if self.sweep is not None:
+            found += secret_headers(self.sweep.headers) + Url(self.sweep.url).secret_parts()
         for step in [*self.steps, *self.cleanup]:  # a login form's password
             found += secret_headers(step.form or {})
         for step in [*self.steps, *self.cleanup]:  # an absolute step URL may carry credentials of its own
@@ -181,6 +265,14 @@ class TransactionProbe(Probe[TransactionSettings]):
             for name, value in step.headers.items() if SECRET_NAME.search(name)
             for variable in _VARIABLE.findall(value)
         }
+        # What the ledger keeps of a run: the values the cleanup steps use, save those a secret-named header carries.
+        self._ledger_variables = {v for step in settings.cleanup for v in step.variables_used()} - self._secret_variables
+        sweep = settings.sweep
+        if sweep is not None:
+            self._sweep_step = sweep.as_step()
+            self._sweep_match = [parse_condition(c) for c in sweep.match]
+            self._sweep_paths = {"items": parse_path(sweep.items), "created": parse_path(sweep.created)}
+            self._sweep_extract = {v: parse_path(p) for v, p in sweep.extract.items()}
 
     async def close(self) -> None:
         await self._cleanups.drain()
@@ -220,15 +312,22 @@ class TransactionProbe(Probe[TransactionSettings]):
             except _StepFailed as failed:
                 return Result.fail(
                     failed.result.reason, f"step {step.name}: {failed.result.message}",
-                    checks=tuple(checks + list(failed.result.checks)),
+                    checks=tuple(checks + list(failed.result.checks)), retry_after=failed.result.retry_after,
                 )
             checks += step_checks
+            missing = None
             for variable, steps in self._extracts[step.name].items():
                 value = lookup(document, steps)
                 if is_missing(value) or value is None or isinstance(value, (dict, list)):
-                    return Result.fail("assertion", f"step {step.name}: no {variable} in the answer "
-                                       f"(path {step.extract[variable]})", checks=tuple(checks))
-                variables[variable] = str(value)
+                    missing = missing or variable
+                else:
+                    variables[variable] = str(value)
+            if self._ledger_variables & set(self._extracts[step.name]) & variables.keys():
+                # Before anything else: from here on a kill would leave the ticket behind.
+                await self.ledger.record(variables["run_id"], self._for_ledger(variables))
+            if missing is not None:
+                return Result.fail("assertion", f"step {step.name}: no {missing} in the answer "
+                                   f"(path {step.extract[missing]})", checks=tuple(checks))
             summaries.append(f"{step.name} {format_duration(time.perf_counter() - started)}")
         return Result.ok(", ".join(summaries), checks=tuple(checks))
 
@@ -240,8 +339,8 @@ class TransactionProbe(Probe[TransactionSettings]):
         attempts = 0
         while True:
             attempts += 1
-            status, body = await self._request(session, step, variables)
-            checks, document, failure = self._judge(step, status, body)
+            status, body, wait = await self._request(session, step, variables)
+            checks, document, failure = self._judge(step, status, body, wait)
             if failure is None:
                 return checks, document
             if step.poll is None:
@@ -256,7 +355,10 @@ class TransactionProbe(Probe[TransactionSettings]):
                 ))
             await asyncio.sleep(min(step.poll.every, remaining))  # the last poll lands on the deadline
 
-    async def _request(self, session: aiohttp.ClientSession, step: Step, variables: dict[str, str]) -> tuple[int, bytes]:
+    async def _request(
+        self, session: aiohttp.ClientSession, step: Step, variables: dict[str, str]
+    ) -> tuple[int, bytes, float | None]:
+        """Status, body, and whether the status, should it fail its check, is transient (`transient_wait`)."""
         url = _fill(step.url, variables, quote_values=True)
         if not URL(url).is_absolute():
             url = self.settings.base_url + url
@@ -275,17 +377,20 @@ class TransactionProbe(Probe[TransactionSettings]):
                 body, error = await read_limited(response, step.max_body_bytes)
                 if error:
                     raise _StepFailed(Result.fail("body", error))
-                return response.status, body
+                return response.status, body, transient_wait(response.status, response.headers)
         except RedirectRefused as exc:
             raise _StepFailed(Result.fail("redirect", str(exc))) from None
         except aiohttp.ClientError as exc:
             raise _StepFailed(client_error_result(exc)) from None
 
-    def _judge(self, step: Step, status: int, body: bytes) -> tuple[list[Check], Any, Result | None]:
+    def _judge(
+        self, step: Step, status: int, body: bytes, wait: float | None = None
+    ) -> tuple[list[Check], Any, Result | None]:
         expected = ", ".join(str(s) for s in step.expect_status)
         if not status_matches(status, step.expect_status):
             check = Check(False, f"[{step.name}] status {status} in ({expected})")
-            return [check], None, Result.fail("status", f"HTTP {status}, expected {expected}", checks=(check,))
+            failure = Result.fail("status", f"HTTP {status}, expected {expected}", checks=(check,), retry_after=wait)
+            return [check], None, failure
         checks = [Check(True, f"[{step.name}] status {status}")]
         conditions: list[Condition] = self._conditions[step.name]
         if not conditions and not step.extract:
@@ -312,9 +417,67 @@ class TransactionProbe(Probe[TransactionSettings]):
         wrong comes back scrubbed of the run's own secrets."""
         try:
             problem = await self._cleanup(session, timer, variables)
+            if self._ledger_variables & variables.keys():  # the run recorded something: it is gone, or left over
+                await self.ledger.settle(variables["run_id"], removed=problem is None)
             return self._run_scrubber(session, variables)(problem) if problem else None
         finally:
             await session.close()
+
+    def _for_ledger(self, variables: dict[str, str]) -> dict[str, str]:
+        return {name: value for name, value in variables.items() if name in self._ledger_variables}
+
+    async def remove_leftover(self, variables: Mapping[str, str]) -> str | None:
+        """The cleanup steps, with what an earlier run recorded; a 404 means it is gone already."""
+        values = dict(variables)
+        session = new_session(
+            ssl_context=client_tls_context(self.settings.verify_tls, None), cookies_for=self.settings.cookie_origin(),
+        )
+        try:
+            problem = await self._cleanup(session, None, values, leftover=True)
+            return self._run_scrubber(session, values)(problem) if problem else None
+        finally:
+            await session.close()
+
+    async def find_leftovers(self, now: float) -> tuple[list[dict[str, str]], str | None]:
+        sweep = self.settings.sweep
+        if sweep is None:
+            return [], None
+        session = new_session(
+            ssl_context=client_tls_context(self.settings.verify_tls, None), cookies_for=self.settings.cookie_origin(),
+        )
+        try:
+            async with asyncio.timeout(self.settings.timeout or 10.0):
+                status, body, _ = await self._request(session, self._sweep_step, {"timestamp": str(int(now))})
+        except _StepFailed as failed:
+            return [], f"listing: {failed.result.message}"
+        except TimeoutError:
+            return [], f"listing: no answer within {format_duration(self.settings.timeout or 10.0)}"
+        finally:
+            await session.close()
+        if not status_matches(status, sweep.expect_status):
+            return [], f"listing: HTTP {status}, expected {', '.join(str(s) for s in sweep.expect_status)}"
+        try:
+            items = lookup(json.loads(body), self._sweep_paths["items"])
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return [], f"listing: HTTP {status} but the body is not JSON"
+        if not isinstance(items, list):
+            return [], f"listing: no list at {sweep.items}"
+        found: list[dict[str, str]] = []
+        undated = 0
+        for item in items:
+            if not all(condition.evaluate(item).passed for condition in self._sweep_match):
+                continue
+            created = _unix_time(lookup(item, self._sweep_paths["created"]))
+            if created is None:
+                undated += 1
+                continue
+            if now - created < sweep.min_age:
+                continue  # may belong to a run in flight, here or on another replica or shard
+            values = {name: lookup(item, path) for name, path in self._sweep_extract.items()}
+            if all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in values.values()):
+                found.append({name: str(value) for name, value in values.items()})
+        problem = f"{undated} synthetic items without a readable {sweep.created} were left alone" if undated else None
+        return found, problem
 
     def _run_scrubber(self, session: aiohttp.ClientSession, variables: dict[str, str]) -> Scrubber:
         """Masks what only this run knew: its cookies, and the values it sent in secret-looking headers (a CSRF
@@ -325,23 +488,28 @@ class TransactionProbe(Probe[TransactionSettings]):
         return Scrubber(found)
 
     async def _cleanup(
-        self, session: aiohttp.ClientSession, timer: PhaseTimer | None, variables: dict[str, str]
+        self, session: aiohttp.ClientSession, timer: PhaseTimer | None, variables: dict[str, str], leftover: bool = False
     ) -> str | None:
         """Run every cleanup step whose variables are known (nothing to clean when the first step failed).
 
-        Returns what went wrong, or None. Bounded by `cleanup_timeout` so a hung platform cannot hold a stop.
+        Returns what went wrong, or None. Bounded by `cleanup_timeout` so a hung platform cannot hold a stop. For a
+        `leftover` (an earlier run's, from the ledger), a 404 means it is gone, and a step whose values the entry
+        does not hold is a problem, not a step to skip.
         """
         problems: list[str] = []
         try:
             async with asyncio.timeout(self.settings.cleanup_timeout):
                 for step in self.settings.cleanup:
                     if not step.variables_used() <= set(variables):
+                        if leftover:
+                            unknown = ", ".join(sorted(step.variables_used() - set(variables)))
+                            problems.append(f"{step.name}: the ledger entry does not hold {unknown}")
                         continue
                     try:
                         started = time.perf_counter()
-                        status, body = await self._request(session, step, variables)
+                        status, body, _ = await self._request(session, step, variables)
                         _, _, failure = self._judge(step, status, body)
-                        if failure is not None:
+                        if failure is not None and not (leftover and status == 404):
                             problems.append(f"{step.name}: {failure.message}")
                     except _StepFailed as failed:
                         problems.append(f"{step.name}: {failed.result.message}")
@@ -351,6 +519,19 @@ class TransactionProbe(Probe[TransactionSettings]):
         except TimeoutError:
             problems.append(f"no answer within cleanup_timeout {format_duration(self.settings.cleanup_timeout)}")
         return "; ".join(problems) or None
+
+
+def _unix_time(value: Any) -> float | None:
+    """A listing's creation time as Unix seconds: a number of seconds, or an ISO 8601 string (UTC if unzoned)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp()
+    return None
 
 
 def _scrubbed(result: Result, scrub: Scrubber) -> Result:

@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import math
 import os
 import re
 import socket
 import ssl
 from http.cookies import BaseCookie
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, AsyncIterator, Callable, Sequence
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Annotated, Any, AsyncIterator, Callable, Mapping, Sequence
 
 import aiohttp
 from aiohttp.typedefs import LooseCookies
@@ -154,6 +157,41 @@ ExpectedStatuses = Annotated[list[int | str], Field(min_length=1), AfterValidato
 
 def status_matches(status: int, expected: list[int | str]) -> bool:
     return any(status == want if isinstance(want, int) else str(status)[0] == want[0] for want in expected)
+
+
+MAX_RETRY_AFTER = 3600.0  # a bogus Retry-After must not silence a probe for days
+
+
+def parse_retry_after(text: str | None, now: datetime | None = None) -> float | None:
+    """RFC 9110 Retry-After: delay-seconds or an HTTP date, as seconds from now (never negative)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        seconds = float(text.strip())
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text.strip())
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def transient_wait(status: int, headers: Mapping[str, str]) -> float | None:
+    """For a status that failed its check: whether another attempt may pass, as `Result.retry_after` says it.
+
+    A 5xx is the server's own trouble, often passing: 0, the usual backoff. A 429 asks us to wait: its Retry-After
+    (0 without one, or with one that is neither seconds nor a date). Anything else (a 401, a 404) is None: the same
+    request will get the same answer."""
+    if 500 <= status <= 599:
+        return 0.0
+    if status == 429:
+        return parse_retry_after(headers.get("Retry-After")) or 0.0
+    return None
 
 
 class OriginCookieJar(aiohttp.CookieJar):

@@ -14,9 +14,6 @@ from typing import Literal
 
 import aiohttp
 from pydantic import SecretStr, field_validator
-from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
-from twilio.http.async_http_client import AsyncTwilioHttpClient
-from twilio.rest import Client
 from yarl import URL
 
 from canary.contract import Gauge, PhaseTimer, Probe, ProbeSettings, Result, spelled
@@ -53,8 +50,13 @@ class TwilioSettings(ProbeSettings):
 class TwilioAccountProbe(Probe[TwilioSettings]):
     settings_model = TwilioSettings
     reasons = ("status", "tls", "dns", "connect", "body", "auth", "assertion", "rate_limited")
+    libraries = ("twilio.rest", "twilio.http.async_http_client")
 
     async def run(self, timer: PhaseTimer) -> Result:
+        from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
+        from twilio.http.async_http_client import AsyncTwilioHttpClient
+        from twilio.rest import Client
+
         settings = self.settings
         http_client = AsyncTwilioHttpClient(logger=_SDK_LOGGER)  # its aiohttp session lives for this run only
         try:

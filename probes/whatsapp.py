@@ -20,7 +20,7 @@ import secrets
 import ssl
 from contextlib import nullcontext
 from dataclasses import replace
-from typing import Literal
+from typing import Literal, Mapping
 from urllib.parse import urlsplit
 from xml.etree import ElementTree
 
@@ -41,6 +41,7 @@ from probes.transport import (
 
 log = logging.getLogger("probes.whatsapp")
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+_MESSAGE_SID = re.compile(r"^SM[0-9a-f]{32}$")  # what run() makes: "SM" and 16 random bytes in hex
 _TWILIO_USER_AGENT = "TwilioProxy/1.1"  # what Twilio's webhook requests carry
 _AUTH_REFUSED = (401, 403)
 # The requests that must be refused, by phase: how a refusal reads, and what accepting one means.
@@ -135,6 +136,9 @@ class WhatsAppSettings(ProbeSettings):
     def cleanup_bound(self) -> float:
         return self.cleanup_timeout if self.cleanup is not None else 0.0
 
+    def leaves_objects(self) -> bool:
+        return self.cleanup is not None
+
     def target(self) -> str:
         return f"POST {self.url.for_humans()}"  # type: ignore[attr-defined]
 
@@ -185,16 +189,31 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
         params = self.message_params(message_sid)
         if self.settings.cleanup is None:
             return await self._checks(params, timer)
+        # On disk before the message is sent: a process killed from here on leaves an entry the janitor (or the next
+        # start) removes with the cleanup request, even when the platform never answered.
+        await self.ledger.record(message_sid, {"message_sid": message_sid})
         try:
             result = await self._checks(params, timer)
         except BaseException:
             # Timed out or stopped mid-check: the message may exist already; remove it before the exception goes on.
             outcome = await self._cleanups.run(self._cleanup(message_sid, None), if_interrupted=self._log_interrupted)
             self._log_interrupted(outcome)
+            await self.ledger.settle(message_sid, removed=outcome[0])
             raise
         # Shielded here too: the runner's timeout may fire while the cleanup runs.
         outcome = await self._cleanups.run(self._cleanup(message_sid, timer), if_interrupted=self._log_interrupted)
+        await self.ledger.settle(message_sid, removed=outcome[0])
         return _with_cleanup(result, *outcome)
+
+    async def remove_leftover(self, variables: Mapping[str, str]) -> str | None:
+        """An earlier run's message, from the ledger: the cleanup request again; a 404 means it is gone."""
+        if self.settings.cleanup is None:
+            return "the probe has no cleanup request any more"
+        message_sid = variables.get("message_sid", "")
+        if not _MESSAGE_SID.match(message_sid):  # the entry comes from a file: never put anything else in a URL
+            return "the ledger entry holds no message SID"
+        passed, detail = await self._cleanup(message_sid, None, gone_is_fine=True)
+        return None if passed else detail
 
     async def _checks(self, params: dict[str, str], timer: PhaseTimer) -> Result:
         signature = self._validator.compute_signature(self.settings.signed_url(), params)
@@ -270,8 +289,9 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
         if not passed:
             log.warning("probe %s: cleanup after an interrupted run failed: %s", self.settings.name, detail)
 
-    async def _cleanup(self, message_sid: str, timer: PhaseTimer | None) -> tuple[bool, str]:
-        """The cleanup request, bounded by `cleanup_timeout`: (passed, "HTTP 204" or what went wrong)."""
+    async def _cleanup(self, message_sid: str, timer: PhaseTimer | None, gone_is_fine: bool = False) -> tuple[bool, str]:
+        """The cleanup request, bounded by `cleanup_timeout`: (passed, "HTTP 204" or what went wrong). With
+        `gone_is_fine` (a leftover), a 404 passes whatever `expect_status` says."""
         cleanup = self.settings.cleanup
         assert cleanup is not None
         url = cleanup.url.format(message_sid=message_sid)
@@ -287,7 +307,7 @@ class WhatsAppProbe(Probe[WhatsAppSettings]):
         except TimeoutError:
             return False, (f"cleanup {cleanup.method} got no answer within cleanup_timeout "
                            f"{format_duration(self.settings.cleanup_timeout)}")
-        if status_matches(status, cleanup.expect_status):
+        if status_matches(status, cleanup.expect_status) or (gone_is_fine and status == 404):
             return True, f"HTTP {status}"
         return False, f"cleanup {cleanup.method} answered HTTP {status}, expected {_shown(cleanup.expect_status)}"
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import socket
 import ssl
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -171,6 +173,32 @@ def raw_answer(answer: bytes) -> Handler:
         await _send(writer, server, answer)
 
     return handler
+
+
+def reset() -> Handler:
+    """Reads the request, then drops the connection with a TCP reset (SO_LINGER 0) instead of answering."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: RawServer) -> None:
+        await read_head(reader, server)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    return handler
+
+
+def in_turn(*handlers: Handler) -> Handler:
+    """The first connection gets the first handler, the second the second, …; the last handler takes the rest."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: RawServer) -> None:
+        await handlers[min(server.connections, len(handlers)) - 1](reader, writer, server)
+
+    return handler
+
+
+def answer(status_line: str, headers: str = "", body: bytes = b"") -> bytes:
+    """A whole HTTP/1.1 answer that closes its connection, for `raw_answer`."""
+    head = f"HTTP/1.1 {status_line}\r\n{headers}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    return head.encode() + body
 
 
 def banner(text: bytes) -> Handler:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tests.conftest import Process, free_port, port_open, wait_for_port
+from tests.kafka_proxy import KafkaProxy
 
 
 def tansu_binary() -> Path | None:
@@ -36,21 +37,23 @@ def tansu_binary() -> Path | None:
 
 
 class Broker:
-    """One tansu broker on a fixed port; can be killed and started again on the same port."""
+    """One tansu broker on a fixed port; can be killed and started again on the same port. With `advertised_port`
+    it tells clients to connect there instead (a proxy in front of it, tests/kafka_proxy.py)."""
 
-    def __init__(self, binary: Path, port: int | None = None) -> None:
+    def __init__(self, binary: Path, port: int | None = None, advertised_port: int | None = None) -> None:
         self.binary = binary
         self.port = port or free_port()
+        self.advertised_port = advertised_port or self.port
         self.process: Process | None = None
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"127.0.0.1:{self.advertised_port}"
 
     def start(self) -> "Broker":
-        url = f"tcp://127.0.0.1:{self.port}"
-        self.process = Process([str(self.binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                                "--storage-engine", "memory://tansu/"])
+        url, advertised = f"tcp://127.0.0.1:{self.port}", f"tcp://127.0.0.1:{self.advertised_port}"
+        self.process = Process([str(self.binary), "broker", "--listener-url", url, "--advertised-listener-url",
+                                advertised, "--storage-engine", "memory://tansu/"])
         wait_for_port(self.port, self.process, timeout=10.0)
         return self
 
@@ -94,6 +97,20 @@ def own_kafka_broker() -> Iterator[Broker]:
     try:
         yield broker
     finally:
+        broker.stop()
+
+
+@pytest.fixture
+async def proxied_kafka_broker() -> AsyncIterator[tuple[Broker, KafkaProxy]]:
+    """A broker of its own behind a KafkaProxy that it advertises: `broker.bootstrap` is the proxy's address."""
+    binary = _require_binary()
+    proxy = KafkaProxy(free_port())
+    broker = Broker(binary, port=proxy.upstream_port, advertised_port=proxy.port).start()
+    try:
+        await proxy.start()
+        yield broker, proxy
+    finally:
+        await proxy.stop()
         broker.stop()
 
 

@@ -53,7 +53,7 @@ def test_once_passes_with_exit_0_and_a_readable_table(config: Path) -> None:
     completed = probe("--once", "--config", str(config))
     assert completed.returncode == 0, completed.stdout + completed.stderr
     lines = completed.stdout.splitlines()
-    assert lines[0].split() == ["PROBE", "TYPE", "CHANNEL", "RESULT", "REASON", "TIME", "MESSAGE"]
+    assert lines[0].split() == ["PROBE", "TYPE", "CHANNEL", "RESULT", "REASON", "TIME", "ATTEMPTS", "MESSAGE"]
     assert any(line.startswith("api-health ") and " PASS " in line for line in lines)
     assert "2 probes passed, 0 probes failed" in completed.stdout
 
@@ -209,3 +209,84 @@ def test_junit_stays_valid_xml_when_a_target_sends_control_characters() -> None:
     assert failure is not None
     assert failure.get("message") == "HTTP 500 \\x1b[31mred\\x1b[0m \\x00nul \\x07bell"
     assert "\\x1b[31mred" in (failure.text or "")
+
+
+def test_once_names_the_channels_the_platform_reports_down(tmp_path: Path, sandbox_process: str) -> None:
+    path = write_config(tmp_path, f"""
+        [daemon]
+        timeout = "2s"
+
+        [[probes]]
+        name = "api-health"
+        type = "http"
+        channel = "api"
+        url = "{sandbox_process}/health"
+        expect_json = {{ status = "healthy" }}
+        channel_map = "channels"
+    """)
+    set_fault(sandbox_process, {"health": "degraded", "channels": {"whatsapp": "inactive"}})
+
+    table = probe("--once", "--config", str(path))
+    assert table.returncode == 1, table.stdout + table.stderr
+    lines = table.stdout.splitlines()
+    row = next(index for index, line in enumerate(lines) if line.startswith("api-health "))
+    assert " FAIL " in lines[row] and "channel whatsapp reported inactive" in lines[row]
+    assert lines[row + 1] == "  channels: whatsapp down; email, web_form up"
+
+    report = json.loads(probe("--once", "--config", str(path), "--format", "json").stdout)
+    (result,) = report["results"]
+    assert result["channels"] == {"email": True, "web_form": True, "whatsapp": False}
+    assert result["message"].startswith('HTTP 200 OK; channel whatsapp reported inactive; failed: [JSON] status == "healthy"')
+
+    junit = probe("--once", "--config", str(path), "--format", "junit")
+    case = ET.fromstring(junit.stdout.split("\n", 1)[1]).find("testsuite/testcase")
+    assert case is not None
+    properties = {p.get("name"): p.get("value") for p in case.findall("properties/property")}
+    assert properties == {"attempts": "1", "channel.email": "up", "channel.web_form": "up", "channel.whatsapp": "down"}
+    failure = case.find("failure")
+    assert failure is not None and "channel whatsapp reported inactive" in (failure.get("message") or "")
+    assert (failure.text or "").endswith("channels: whatsapp down; email, web_form up")
+
+    # The platform back to healthy: no channel named down anywhere.
+    set_fault(sandbox_process, {"health": "ok", "channels": {"whatsapp": "active"}})
+    healthy = probe("--once", "--config", str(path))
+    assert healthy.returncode == 0 and "reported" not in healthy.stdout
+    assert "  channels: email, web_form, whatsapp up" in healthy.stdout.splitlines()
+
+
+def test_once_shows_how_many_attempts_each_probe_made(tmp_path: Path, sandbox_process: str) -> None:
+    path = write_config(tmp_path, f"""
+        [daemon]
+        timeout = "5s"
+        retries = 2
+
+        [[probes]]
+        name = "api-health"
+        type = "http"
+        channel = "api"
+        url = "{sandbox_process}/health"
+    """)
+
+    def once(output_format: str) -> subprocess.CompletedProcess[str]:
+        set_fault(sandbox_process, {"health_unavailable": 1})  # one 503, then healthy answers
+        return probe("--once", "--config", str(path), "--format", output_format)
+
+    table = once("table")
+    assert table.returncode == 0, table.stdout + table.stderr
+    row = next(line for line in table.stdout.splitlines() if line.startswith("api-health "))
+    assert row.split()[3:7:3] == ["PASS", "2"]  # RESULT, ATTEMPTS
+    assert row.endswith("(attempt 2 of 3; earlier: status)")
+
+    (result,) = json.loads(once("json").stdout)["results"]
+    assert (result["success"], result["attempts"]) == (True, 2)
+
+    case = ET.fromstring(once("junit").stdout.split("\n", 1)[1]).find("testsuite/testcase")
+    assert case is not None and case.find("failure") is None
+    assert {p.get("name"): p.get("value") for p in case.findall("properties/property")} == {"attempts": "2"}
+
+    # Every answer a 503: the run fails after its three attempts.
+    set_fault(sandbox_process, {"health_unavailable": 100})
+    failed = probe("--once", "--config", str(path), "--format", "json")
+    assert failed.returncode == 1
+    (result,) = json.loads(failed.stdout)["results"]
+    assert (result["reason"], result["attempts"]) == ("status", 3)

@@ -237,7 +237,30 @@ def test_dsn_file_is_read_and_its_trailing_newline_stripped(tmp_path: Path) -> N
 # --- bad configs: each kind and the exact problem it reports ----------------------------------------------------
 
 # `{tmp}` in a body or an expected problem stands for the test's tmp_path.
+KAFKA_PROBES = """
+[[probes]]
+name = "kafka"
+type = "kafka"
+channel = "kafka"
+bootstrap_servers = "127.0.0.1:9092"
+canary_topic = "fte.canary"
+
+[[probes]]
+name = "kafka-lag"
+type = "kafka_lag"
+channel = "kafka"
+bootstrap_servers = "127.0.0.1:9092"
+groups = [{ name = "fte-workers", topics = ["fte.tickets.incoming"] }]
+"""
+
 BAD_CONFIGS = [
+    pytest.param(
+        KAFKA_PROBES.replace('canary_topic = "fte.canary"', 'canary_topic = "fte.canary"\nmanage_topic = "no"')
+        .replace("groups =", "max_lag_age = 60\ngroups ="),
+        ["probes[0].manage_topic: Input should be a valid boolean (got 'no')",
+         'probes[1].max_lag_age: expected a duration string such as "30s" or "2m", got int'],
+        id="kafka-manage-topic-and-max-lag-age",
+    ),
     pytest.param(
         'color = "blue"\n' + HTTP_PROBE,
         ["color: unknown key (the top level takes [daemon] and [[probes]])"],
@@ -306,7 +329,7 @@ BAD_CONFIGS = [
     ),
     pytest.param(
         '[daemon]\nstate_dir = ""\n' + HTTP_PROBE,
-        ["daemon.state_dir: must be a directory's path; leave the key out to keep no state"],
+        ["daemon.state_dir: must be a directory's path; leave the key out for the default directory"],
         id="empty-state-dir",
     ),
     pytest.param(
@@ -447,6 +470,13 @@ BAD_CONFIGS = [
             "probes[1].bogus: unknown key",
         ],
         id="several-problems-at-once",
+    ),
+    pytest.param(
+        "[daemon]\nretries = 9\n" + HTTP_PROBE + "retries = -1\n" + HTTP_PROBE.replace('"api"', '"api2"', 1) + 'retries = "2"\n',
+        ["daemon.retries: Input should be less than or equal to 5 (got 9)",
+         "probes[0].retries: Input should be greater than or equal to 0 (got -1)",
+         "probes[1].retries: Input should be a valid integer (got '2')"],
+        id="retries-out-of-range-or-not-a-number",
     ),
 ]
 
@@ -607,3 +637,55 @@ url = "http://127.0.0.1:1/"
     problems = load_error(write_config(tmp_path, body)).problems
     assert len(problems) == 3, problems
     assert all("must be" in problem and "^" not in problem and "{0," not in problem for problem in problems), problems
+
+
+# A config is read a [[probes]] table at a time (so `probe run` can reload 10,000 probes between due runs): whatever
+# the text, that gives exactly what reading it whole gives, or the same error.
+_TRICKY_TOML = {
+    "plain": '[daemon]\ninterval = "10s"\n\n[[probes]]\nname = "a"\n\n[[probes]] # second\nname = "b"\n',
+    "a table after the probes": '[[probes]]\nname = "a"\n[probes.headers]\nX = "1"\n[[probes]]\nname = "b"\n[daemon]\nx = 1\n',
+    "a header inside a multi-line string": '[[probes]]\nname = "a"\nbody = """\n[[probes]]\n"""\n[[probes]]\nname = "b"\n',
+    "nested arrays of tables": '[[probes]]\nname = "a"\n[[probes.steps]]\nn = 1\n[[probes.steps]]\nn = 2\n[[probes]]\nname = "b"\n',
+    "a table declared twice": '[daemon]\nx = 1\n[[probes]]\nname = "a"\n[daemon]\ny = 2\n[[probes]]\nname = "b"\n',
+    "an inline probes array": 'probes = [{ name = "z" }]\n[[probes]]\nname = "a"\n[[probes]]\nname = "b"\n',
+    "a sub-table of an earlier table": '[daemon]\nx = 1\n[[probes]]\nname = "a"\n[daemon.labels]\ny = "2"\n[[probes]]\nname = "b"\n',
+}
+
+
+@pytest.mark.parametrize("text", _TRICKY_TOML.values(), ids=_TRICKY_TOML.keys())
+def test_reading_a_config_a_probe_at_a_time_gives_what_reading_it_whole_gives(text: str) -> None:
+    import tomllib
+
+    from canary.config import _toml_steps, run_steps
+
+    try:
+        whole: object = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        whole = str(exc)
+    try:
+        cut: object = run_steps(_toml_steps(text))
+    except tomllib.TOMLDecodeError as exc:
+        cut = str(exc)
+    assert cut == whole
+
+
+def test_relative_file_paths_are_the_config_files_neighbours_whatever_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "etc" / "canary"
+    (home / "secrets").mkdir(parents=True)
+    (home / "secrets" / "db").write_text("postgresql://postgres:from-the-file@127.0.0.1:5432/postgres\n")
+    config = home / "config.toml"
+    config.write_text(PG_PROBE.replace('dsn = "postgresql://postgres@127.0.0.1:5432/postgres"', 'dsn_file = "secrets/db"')
+                      + PG_PROBE.replace('"db"', '"db2"').replace('dsn = "postgresql://postgres@127.0.0.1:5432/postgres"',
+                                                                 'dsn_file = "missing/db"'))
+    elsewhere = tmp_path / "somewhere-else"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ConfigError) as raised:
+        load_config(config, PROBE_TYPES)
+    # The one that exists was found beside the config; the missing one is named where it was looked for.
+    assert raised.value.problems == [f"probes[1].dsn_file: cannot read the file '{home}/missing/db' (No such file or directory)"]
+    config.write_text(PG_PROBE.replace('dsn = "postgresql://postgres@127.0.0.1:5432/postgres"', 'dsn_file = "secrets/db"'))
+    [settings] = load_config(config, PROBE_TYPES).probes
+    assert "from-the-file" in settings.secret_values()[0]

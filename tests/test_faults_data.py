@@ -88,7 +88,10 @@ class Observer:
     def observe_lateness(self, seconds: float) -> None:
         pass
 
-    def count_skipped(self, name: str, slots: int) -> None:
+    def count_skipped(self, name: str, slots: int, reason: str) -> None:
+        pass
+
+    def count_starved(self, name: str) -> None:
         pass
 
 

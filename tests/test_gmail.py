@@ -362,6 +362,44 @@ async def test_unknown_watch_is_renewed_once_then_left_alone_while_far_from_expi
     assert state(app).token_requests == 2  # but the token is refreshed every run
 
 
+async def test_a_restored_watch_expiry_is_not_renewed_again_and_no_token_is_kept(
+    sandbox: tuple[web.Application, str], credentials: Path
+) -> None:
+    """What a reload or a restart does with it: export, then restore into a newly built probe."""
+    app, base = sandbox
+    first, second = GmailProbe(settings(base, credentials)), GmailProbe(settings(base, credentials, interval="10m"))
+    try:
+        assert (await run(first)).success
+        saved = first.export_state()
+        assert saved == {"watch_expiry": int(state(app).watch_calls[0]["expiration"]) / 1000}  # Unix time
+        assert first.state_key() == second.state_key()
+        second.restore_state(saved)
+        again = await run(second)
+        assert again.success, again.message
+        assert "(renewal not due)" in again.message
+        assert len(state(app).watch_calls) == 1
+        assert not any(secret in str(saved) for secret in (*SECRETS, "ya29."))
+    finally:
+        await first.close()
+        await second.close()
+    other_platform = GmailProbe(settings(base, credentials, renew_url="http://127.0.0.1:9/gmail/setup-watch"))
+    assert other_platform.state_key() != first.state_key()
+
+
+@pytest.mark.parametrize("saved", [
+    pytest.param({"watch_expiry": time.time() + 30 * 86400}, id="longer-than-a-watch-lasts"),
+    pytest.param({"watch_expiry": -1.0}, id="negative"),
+    pytest.param({"watch_expiry": float("nan")}, id="nan"),
+    pytest.param({"watch_expiry": "soon"}, id="a-string"),
+    pytest.param({"watch_expiry": 1.0, "access_token": "ya29.x"}, id="an-unknown-key"),
+])
+def test_a_corrupt_or_hostile_watch_expiry_is_refused_and_changes_nothing(credentials: Path, saved: dict[str, Any]) -> None:
+    probe = GmailProbe(settings("http://127.0.0.1:9", credentials))
+    with pytest.raises(ValueError):
+        probe.restore_state(saved)
+    assert probe.export_state() == {}
+
+
 WATCH_CALLS = web.AppKey("watch_calls", list)
 FAIL = web.AppKey("fail", list)  # non-empty: setup-watch answers 500
 SHORT_WATCH = 2 * 3600.0

@@ -569,6 +569,46 @@ async def test_tls_trusted_through_ca_file_passes_and_times_the_handshake(
         assert result.phases.get(phase, 0.0) > 0.0, (phase, result.phases)
 
 
+async def test_fresh_connection_probes_share_one_session_and_still_time_their_own_phases(
+    serve: Serve, ca: tuple[trustme.CA, str]
+) -> None:
+    """Twenty probes on one TLS context run at once through one shared session: each times its own TCP connect and
+    handshake (the connector finds the run through a context variable), a closed probe does not close the session
+    under the others, and the last one closes it."""
+    authority, ca_file = ca
+    app, base = await serve(_server_context(_issue(authority, "valid")))
+    probes = [HttpProbe(settings_for(name=f"p{i}", url=f"{base}/ok", ca_file=ca_file)) for i in range(20)]
+    results = await asyncio.gather(*(run_once(probe, 5.0, Scrubber()) for probe in probes))
+    assert all(result.success for result in results), [result.message for result in results]
+    sessions = {id(probe._session) for probe in probes}
+    assert len(sessions) == 1
+    for result in results:
+        for phase in ("connect", "tls", "first_byte"):
+            assert result.phases.get(phase, 0.0) > 0.0, (phase, result.phases)
+    session = probes[0]._session
+    for probe in probes[:-1]:
+        await probe.close()
+    assert session is not None and not session.closed
+    again = await run_once(probes[-1], 5.0, Scrubber())
+    assert again.success and again.phases.get("tls", 0.0) > 0.0, again.message
+    await probes[-1].close()
+    assert session.closed
+    assert len(app[REQUESTS]) == 21
+
+
+async def test_a_kept_alive_probe_has_a_session_of_its_own(target: tuple[web.Application, str]) -> None:
+    _, base = target
+    kept, fresh = (HttpProbe(settings_for(name=name, url=f"{base}/ok", fresh_connection=name == "fresh"))
+                   for name in ("kept", "fresh"))
+    try:
+        for probe in (kept, fresh, kept):
+            assert (await run_once(probe, 5.0, Scrubber())).success
+        assert kept._session is not fresh._session
+    finally:
+        await kept.close()
+        await fresh.close()
+
+
 @pytest.mark.parametrize(
     ("kind", "use_ca_file", "verify_tls", "reason", "fragment"),
     [
@@ -685,7 +725,7 @@ async def test_channel_map_from_sandbox_health(
     if down is None:
         assert "down" not in result.message
     else:
-        assert result.message.endswith(f"; platform reports down: {down}")
+        assert result.message.endswith(f"; channel {down} reported inactive")
         assert "email" not in result.message and "web_form" not in result.message
 
 

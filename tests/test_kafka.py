@@ -1,9 +1,12 @@
 """The `kafka` probe against a real Kafka-protocol broker (tansu) on 127.0.0.1: round trip with its phases and
-figures, a missing topic, an unreachable broker, SASL settings validated at load, and a broker killed mid-life and
-restarted on the same port — the same probe instance recovers without being rebuilt."""
+figures, a missing topic, the canary topic created when missing (sized from the cluster; refused by ACLs or raced by
+another canary through tests/kafka_proxy.py, as tansu has no ACLs), an unreachable broker, SASL settings validated at
+load, and a broker killed mid-life and restarted on the same port — the same probe instance recovers without being
+rebuilt."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -11,6 +14,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import ValidationError
 
 from canary.config import load_config
@@ -18,9 +22,10 @@ from canary.contract import Result
 from canary.runner import run_once
 from canary.scrub import Scrubber
 from probes import PROBE_TYPES
-from probes.kafka import KafkaProbe, KafkaRoundTripSettings
+from probes.kafka import KafkaProbe, KafkaRoundTripSettings, canary_topic_for
 from tests.conftest import free_port, write_config
 from tests.kafka_broker import Broker, create_topics
+from tests.kafka_proxy import CREATE_TOPICS, KafkaProxy
 
 RUN_TIMEOUT = 5.0
 
@@ -107,13 +112,94 @@ async def test_missing_configured_topic_fails(kafka_broker: Broker) -> None:
     assert gauges(result)["kafka_brokers"] == 1
 
 
-async def test_missing_canary_topic_fails_and_is_not_created(kafka_broker: Broker) -> None:
+async def topic_layout(bootstrap: str, *topics: str) -> dict[str, list[list[int]]]:
+    """Each of `topics` that exists, with its replicas per partition. Asks for every topic: a metadata request naming
+    a missing topic makes tansu auto-create it."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    await admin.start()
+    try:
+        described = await admin.describe_topics()
+    finally:
+        await admin.close()
+    return {t["topic"]: [p["replicas"] for p in sorted(t["partitions"], key=lambda p: p["partition"])]
+            for t in described if t["topic"] in topics and not t["error_code"]}
+
+
+async def test_missing_canary_topic_is_created_and_the_round_trip_passes_in_the_same_run(kafka_broker: Broker) -> None:
     canary = topic_name()
     probe = make_probe(kafka_broker.bootstrap, canary_topic=canary)
+    created = await run(probe)
+    assert created.reason == "ok", created.message
+    assert created.message.startswith(f"canary round trip through {canary} partition 0 in ")
+    assert created.message.endswith("s (created the canary topic: 1 partitions, replication 1)")
+    assert {"create_topic", "produce", "consume"} <= set(created.phases)
+    # One broker: one partition (each broker leads one), replication min(3, brokers) = 1.
+    layout = (await topic_layout(kafka_broker.bootstrap, canary))[canary]
+    assert [len(replicas) for replicas in layout] == [1]
+    again = await run(probe)
+    assert again.reason == "ok" and "created" not in again.message
+    assert "create_topic" not in again.phases
+
+
+@pytest.mark.parametrize(("brokers", "partitions", "replication", "min_insync"),
+                         [(1, 1, 1, "1"), (2, 2, 2, "1"), (3, 3, 3, "2"), (5, 5, 3, "2")])
+def test_the_canary_topic_is_sized_from_the_cluster(brokers: int, partitions: int, replication: int,
+                                                    min_insync: str) -> None:
+    """tansu is one broker: the sizing for larger clusters is checked on its own."""
+    new_topic = canary_topic_for("fte.canary", brokers)
+    assert (new_topic.num_partitions, new_topic.replication_factor) == (partitions, replication)
+    assert new_topic.topic_configs == {"cleanup.policy": "delete", "retention.ms": str(24 * 3600 * 1000),
+                                       "min.insync.replicas": min_insync}
+
+
+async def test_missing_canary_topic_with_manage_topic_false_fails_and_is_not_created(kafka_broker: Broker) -> None:
+    canary = topic_name()
+    probe = make_probe(kafka_broker.bootstrap, canary_topic=canary, manage_topic=False)
     for _ in range(2):
         result = await run(probe)
         assert result.reason == "assertion"
         assert f"topics missing from the cluster: {canary}" in result.message
+    assert await topic_layout(kafka_broker.bootstrap, canary) == {}
+
+
+async def test_only_the_canary_topic_is_ever_created_never_the_platform_topics(kafka_broker: Broker) -> None:
+    canary, platform = topic_name(), topic_name()
+    result = await run(make_probe(kafka_broker.bootstrap, topics=[platform], canary_topic=canary))
+    assert result.reason == "assertion"
+    assert result.message.startswith(f"topics missing from the cluster: {platform} (")  # not the canary topic
+    assert set(await topic_layout(kafka_broker.bootstrap, canary, platform)) == {canary}
+
+
+@pytest.mark.parametrize(("code", "name"), [(29, "TOPIC_AUTHORIZATION_FAILED"), (31, "CLUSTER_AUTHORIZATION_FAILED")])
+async def test_a_creation_refused_by_acls_fails_with_auth_and_says_what_to_grant(
+    proxied_kafka_broker: tuple[Broker, KafkaProxy], code: int, name: str
+) -> None:
+    broker, proxy = proxied_kafka_broker
+    proxy.faults.deny_create = code
+    canary = topic_name()
+    result = await run(make_probe(broker.bootstrap, canary_topic=canary))
+    assert result.reason == "auth"
+    assert result.message == (
+        f"not allowed to create the canary topic {canary} ({name}: refused by the test proxy's ACL): grant the "
+        "canary's principal CREATE on it (or on the cluster), create it yourself, or set manage_topic = false"
+    )
+    assert proxy.faults.seen[CREATE_TOPICS] == 1 and "produce" not in result.phases
+    assert gauges(result)["kafka_brokers"] == 1        # what the metadata showed is still reported
+
+
+async def test_a_canary_topic_created_by_another_canary_at_the_same_moment_is_success(
+    proxied_kafka_broker: tuple[Broker, KafkaProxy]
+) -> None:
+    broker, proxy = proxied_kafka_broker
+    proxy.faults.create_together = 2                   # both shards saw it missing; their creations meet at the broker
+    canary = topic_name()
+    results = await asyncio.gather(*(run(make_probe(broker.bootstrap, canary_topic=canary, name=f"kafka-{shard}"))
+                                     for shard in range(2)))
+    assert [r.reason for r in results] == ["ok", "ok"], [r.message for r in results]
+    notes = sorted(r.message.rsplit("s (", 1)[1] for r in results)
+    assert notes == ["another canary created the canary topic meanwhile)",
+                     "created the canary topic: 1 partitions, replication 1)"]
+    assert proxy.faults.seen[CREATE_TOPICS] == 2
 
 
 async def test_too_few_brokers_fails_on_threshold(kafka_broker: Broker) -> None:

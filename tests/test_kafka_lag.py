@@ -1,23 +1,29 @@
 """`kafka_lag` and `kafka_dlq` against a real broker (tansu): real consumer groups commit, then stop committing while
 producing goes on, driving the Burrow-style status OK → WARN → STALL (and STOP after `stop_after`); lag thresholds;
-dead-letter growth. Every record is produced in its own request, so offsets are exact on tansu too."""
+the age of the oldest unconsumed message, from records produced with hour-old timestamps; dead-letter growth. Every
+record is produced in its own request, so offsets are exact on tansu too. What tansu cannot do (retention, a broker
+that takes a Fetch and never answers) comes from tests/kafka_proxy.py in front of it."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from canary.contract import Result
 from canary.runner import run_once
 from canary.scrub import Scrubber
 from probes.kafka_dlq import KafkaDlqProbe, KafkaDlqSettings
 from probes.kafka_lag import KafkaLagProbe, KafkaLagSettings, Observation, PartitionHistory, Status, partition_status
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for, write_config
 from tests.kafka_broker import Broker, create_topics, produce
+from tests.kafka_proxy import FETCH, KafkaProxy
+from tests.running_daemon import RunningDaemon, figure, runs
 
 RUN_TIMEOUT = 5.0
 
@@ -65,11 +71,11 @@ class Committer:
 
 
 @pytest.fixture
-async def committer_factory(kafka_broker: Broker) -> AsyncIterator[Any]:
+async def committer_factory_at() -> AsyncIterator[Any]:
     consumers: list[AIOKafkaConsumer] = []
 
-    async def make(group: str, topic: str, partitions: int = 1) -> Committer:
-        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_broker.bootstrap, group_id=group,
+    async def make(bootstrap: str, group: str, topic: str, partitions: int = 1) -> Committer:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
                                     enable_auto_commit=False, request_timeout_ms=5000)
         consumers.append(consumer)
         await consumer.start()
@@ -81,6 +87,14 @@ async def committer_factory(kafka_broker: Broker) -> AsyncIterator[Any]:
     finally:
         for consumer in consumers:
             await consumer.stop()
+
+
+@pytest.fixture
+def committer_factory(kafka_broker: Broker, committer_factory_at: Any) -> Any:
+    async def make(group: str, topic: str, partitions: int = 1) -> Committer:
+        return await committer_factory_at(kafka_broker.bootstrap, group, topic, partitions)
+
+    return make
 
 
 # --- the status rule, alone (no broker) ------------------------------------------------------------------------
@@ -118,6 +132,45 @@ def test_partition_status_follows_burrows_rules_in_order(observations: list[tupl
     assert partition_status(history, WINDOW, now, STOP_AFTER) is expected
 
 
+def saved_partition(group: str, last_moved: float, window: list[tuple[int | None, int]], topic: str = "work",
+                    partition: int = 0) -> dict[str, Any]:
+    return {"group": group, "topic": topic, "partition": partition, "last_moved": last_moved,
+            "window": [{"committed": committed, "lag": lag} for committed, lag in window]}
+
+
+def test_windows_restore_into_the_groups_still_configured_cut_to_the_new_window() -> None:
+    probe = lag_probe("127.0.0.1:9092", [{"name": "workers", "topics": ["work"]}], window=3, stop_after="1h")
+    stalled = [(10, 1), (10, 2), (10, 3), (10, 4)]
+    probe.restore_state({"partitions": [
+        saved_partition("workers", time.time() - 120, stalled),
+        saved_partition("gone", time.time(), stalled),               # a group no longer configured
+        saved_partition("workers", time.time(), stalled, topic="other"),  # a topic the group no longer reads
+    ]})
+    exported = probe.export_state()["partitions"]
+    assert [(p["group"], p["topic"], p["partition"]) for p in exported] == [("workers", "work", 0)]
+    assert [o["lag"] for o in exported[0]["window"]] == [2, 3, 4]  # the newest 3, for window = 3
+    assert exported[0]["last_moved"] == pytest.approx(time.time() - 120, abs=5)  # wall time, round trip
+    history = probe._history[("workers", "work", 0)]
+    assert partition_status(history, 3, time.monotonic(), 3600) is Status.STALL
+    assert probe.state_key() == "127.0.0.1:9092"
+
+
+@pytest.mark.parametrize("state", [
+    pytest.param({"partitions": [saved_partition("workers", 1.0, [(10, -1)])]}, id="a-negative-lag"),
+    pytest.param({"partitions": [saved_partition("workers", 1.0, [(10, 1)], partition=-1)]}, id="a-negative-partition"),
+    pytest.param({"partitions": [saved_partition("workers", 1.0, [(10.5, 1)])]}, id="a-fractional-offset"),
+    pytest.param({"partitions": [saved_partition("workers", float("nan"), [(10, 1)])]}, id="nan"),
+    pytest.param({"partitions": [saved_partition("workers", 1.0, [(10, 1)] * 101)]}, id="a-window-too-long"),
+    pytest.param({"partitions": [saved_partition("workers", 1.0, [])]}, id="an-empty-window"),
+    pytest.param({"partitions": "all"}, id="not-a-list"),
+])
+def test_corrupt_or_hostile_windows_are_refused_and_change_nothing(state: dict[str, Any]) -> None:
+    probe = lag_probe("127.0.0.1:9092", [{"name": "workers", "topics": ["work"]}])
+    with pytest.raises(ValueError):
+        probe.restore_state(state)
+    assert probe.export_state() == {}
+
+
 # --- consumer lag -----------------------------------------------------------------------------------------------
 
 
@@ -153,7 +206,7 @@ async def test_status_goes_ok_warn_stall_as_the_consumer_falls_behind_then_stops
     )
     per_partition = ("kafka_consumer_lag", (("group", group), ("topic", topic), ("partition", "0")))
     assert figures(results[-1])[per_partition] == 12
-    assert set(results[-1].phases) == {"connect", "offsets"}
+    assert set(results[-1].phases) == {"connect", "offsets", "timestamps"}
 
     await committer.commit(topic, 17)                  # the consumer catches up: OK again at once
     recovered = await run(probe)
@@ -211,6 +264,197 @@ async def test_lag_unreachable_broker_fails_with_connect() -> None:
     result = await run(lag_probe(f"127.0.0.1:{free_port()}", [{"name": "g", "topics": ["t"]}]))
     assert result.reason == "connect"
     assert result.message.startswith("broker unreachable during connect")
+
+
+async def _stalled_group(bootstrap: str, topic: str, group: str) -> None:
+    """A group that committed offset 1 of 3 records and then stopped: lag 2 that never moves."""
+    await create_topics(bootstrap, topic)
+    await produce(bootstrap, topic, 3)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+                                request_timeout_ms=5000)
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, 0)])
+        await consumer.commit({TopicPartition(topic, 0): 1})
+    finally:
+        await consumer.stop()
+
+
+def lag_config(bootstrap: str, group: str, topic: str, window: int, interval: str = "2s") -> str:
+    return f"""
+        [daemon]
+        jitter = "200ms"
+        shutdown_grace = "3s"
+
+        [[probes]]
+        name = "lag"
+        type = "kafka_lag"
+        channel = "kafka"
+        interval = "{interval}"
+        timeout = "2s"
+        bootstrap_servers = "{bootstrap}"
+        window = {window}
+        max_lag = 1000
+        groups = [{{ name = "{group}", topics = ["{topic}"] }}]
+    """
+
+
+def test_a_stall_that_needs_a_full_window_is_not_reset_by_an_interval_reload_or_a_restart(
+    kafka_broker: Broker, tmp_path: Path
+) -> None:
+    """STALL needs `window` observations. Reloaded (interval only) after half of them, the probe reaches it in the
+    other half; a probe that started afresh would need the whole window again. After a restart it is STALL at once."""
+    window = 6
+    topic, group = name("work"), name("fte-stuck")
+    asyncio.run(_stalled_group(kafka_broker.bootstrap, topic, group))
+
+    def status() -> float | None:
+        return figure(daemon.base, "canary_probe_kafka_consumer_group_status", "lag", group=group)
+
+    config = write_config(tmp_path, lag_config(kafka_broker.bootstrap, group, topic, window))
+    with RunningDaemon(config, tmp_path / "state") as daemon:
+        wait_for(lambda: runs(daemon.base, "lag") >= window // 2, timeout=60, what="half a window of runs")
+        assert status() == Status.OK  # not a full window yet
+
+        daemon.reload(lag_config(kafka_broker.bootstrap, group, topic, window, interval="3s"))
+        wait_for(lambda: status() == Status.STALL, timeout=60, what="STALL")
+        assert 0 < runs(daemon.base, "lag") < window  # runs since the reload: fewer than a fresh window needs
+        assert figure(daemon.base, "canary_probe_success", "lag") == 0
+
+        assert daemon.stop() == 0
+        restarted = time.time()
+        daemon.start()
+        daemon.wait_for_run_after("lag", restarted, timeout=30)
+        assert status() == Status.STALL
+        assert runs(daemon.base, "lag") < window
+        assert "WARNING" not in daemon.output()
+
+
+# --- lag in seconds ---------------------------------------------------------------------------------------------
+
+HOUR = 3600.0
+
+
+async def produce_aged(bootstrap: str, topic: str, ages: list[float], partition: int = 0) -> None:
+    """One record per age (seconds before now), each in its own request, timestamped that long ago (CreateTime)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    await producer.start()
+    try:
+        for age in ages:
+            await producer.send_and_wait(topic, b"customer message", partition=partition,
+                                         timestamp_ms=round((time.time() - age) * 1000))
+    finally:
+        await producer.stop()
+
+
+def age_of(result: Result, group: str) -> float:
+    return figures(result)[("kafka_consumer_group_lag_seconds", (("group", group),))]
+
+
+async def test_lag_seconds_is_the_age_of_the_oldest_unconsumed_message(
+    kafka_broker: Broker, committer_factory: Any
+) -> None:
+    topic, late, behind, caught_up = name("tickets"), name("fte-workers"), name("fte-audit"), name("fte-processor")
+    await create_topics(kafka_broker.bootstrap, topic, partitions=2)
+    workers = await committer_factory(late, topic, partitions=2)
+    auditor = await committer_factory(behind, topic, partitions=2)
+    processor = await committer_factory(caught_up, topic, partitions=2)
+    await workers.commit(topic, 0, partition=0)        # committed before any of the messages below
+    await workers.commit(topic, 0, partition=1)
+    await produce_aged(kafka_broker.bootstrap, topic, [HOUR, HOUR - 60, HOUR - 120], partition=0)
+    await produce_aged(kafka_broker.bootstrap, topic, [HOUR - 600], partition=1)
+    await auditor.commit(topic, 2, partition=0)        # the same partitions, further on: its own age
+    await processor.commit(topic, 3, partition=0)      # this group has consumed everything
+    await processor.commit(topic, 1, partition=1)
+    probe = lag_probe(kafka_broker.bootstrap, [{"name": late, "topics": [topic]}, {"name": behind, "topics": [topic]},
+                                               {"name": caught_up, "topics": [topic]}], max_lag=None)
+
+    waiting = await run(probe)
+    assert waiting.reason == "ok", waiting.message
+    assert HOUR <= age_of(waiting, late) < HOUR + 60   # the oldest of both partitions' first unconsumed records
+    assert HOUR - 120 <= age_of(waiting, behind) < HOUR - 60
+    assert age_of(waiting, caught_up) == 0
+    assert "timestamps" in waiting.phases
+
+    await workers.commit(topic, 1, partition=0)        # the hour-old message is consumed: the next one is the oldest
+    assert HOUR - 60 <= age_of(await run(probe), late) < HOUR
+    await workers.commit(topic, 3, partition=0)        # partition 0 caught up: partition 1's message is left
+    assert HOUR - 600 <= age_of(await run(probe), late) < HOUR - 540
+    await workers.commit(topic, 1, partition=1)
+    await auditor.commit(topic, 3, partition=0)
+    await auditor.commit(topic, 1, partition=1)
+    none_left = await run(probe)
+    assert age_of(none_left, late) == 0 and none_left.reason == "ok"
+    assert "timestamps" not in none_left.phases        # no lag, no fetch
+    # Reading timestamps never moved the groups' offsets.
+    assert await workers.consumer.committed(TopicPartition(topic, 0)) == 3
+    assert await processor.consumer.committed(TopicPartition(topic, 0)) == 3
+
+
+async def test_lag_seconds_above_max_lag_age_fails_and_a_never_committed_group_counts_from_the_beginning(
+    kafka_broker: Broker
+) -> None:
+    topic, group = name("tickets"), name("new-group")
+    await create_topics(kafka_broker.bootstrap, topic)
+    await produce_aged(kafka_broker.bootstrap, topic, [120, 90])
+    probe = lag_probe(kafka_broker.bootstrap, [{"name": group, "topics": [topic]}], max_lag_age="1m")
+    result = await run(probe)
+    assert result.reason == "threshold"
+    assert result.message.startswith(f"group {group}: the oldest unconsumed message has waited 12")
+    assert result.message.endswith("s, above max_lag_age 60s")
+    assert 120 <= age_of(result, group) < 180
+    relaxed = await run(lag_probe(kafka_broker.bootstrap, [{"name": group, "topics": [topic]}], max_lag_age="5m"))
+    assert relaxed.reason == "ok", relaxed.message
+
+
+async def test_a_committed_offset_deleted_by_retention_is_aged_from_the_earliest_retained_record(
+    proxied_kafka_broker: tuple[Broker, KafkaProxy], committer_factory_at: Any
+) -> None:
+    broker, proxy = proxied_kafka_broker
+    topic, group = name("tickets"), name("fte-workers")
+    await create_topics(broker.bootstrap, topic)
+    await produce_aged(broker.bootstrap, topic, [HOUR, HOUR - 60, HOUR - 120, HOUR - 180, HOUR - 240])
+    committer = await committer_factory_at(broker.bootstrap, group, topic)
+    await committer.commit(topic, 1)
+    proxy.faults.log_start[(topic, 0)] = 3             # retention deleted offsets 0-2, the committed one among them
+    result = await run(lag_probe(broker.bootstrap, [{"name": group, "topics": [topic]}], max_lag=None))
+    assert result.reason == "ok", result.message
+    assert HOUR - 180 <= age_of(result, group) < HOUR - 120  # offset 3's age, not offset 1's (HOUR - 60)
+    assert result.message == (
+        f"1 consumer groups within limits; group {group}: committed offset 1 of {topic} partition 0 was deleted by "
+        "retention; its wait is measured from the earliest retained record (offset 3), so it is longer than shown"
+    )
+    assert figures(result)[("kafka_consumer_group_lag", (("group", group),))] == 4
+
+
+async def test_the_first_record_fetch_is_one_fetch_bounded_inside_the_probe_timeout(
+    proxied_kafka_broker: tuple[Broker, KafkaProxy], committer_factory_at: Any
+) -> None:
+    broker, proxy = proxied_kafka_broker
+    topic, group = name("tickets"), name("fte-workers")
+    await create_topics(broker.bootstrap, topic, partitions=2)
+    await produce_aged(broker.bootstrap, topic, [60] * 50, partition=0)
+    await produce_aged(broker.bootstrap, topic, [30] * 50, partition=1)
+    committer = await committer_factory_at(broker.bootstrap, group, topic, partitions=2)
+    await committer.commit(topic, 0, partition=0)
+    await committer.commit(topic, 0, partition=1)
+    probe = lag_probe(broker.bootstrap, [{"name": group, "topics": [topic]}], max_lag=None, timeout="2s")
+
+    answered = await run(probe)
+    assert answered.reason == "ok", answered.message
+    assert 60 <= age_of(answered, group) < 120
+    # 100 messages wait, and the probe read the first of each partition: no more fetches than lagging partitions.
+    assert 1 <= proxy.faults.seen.get(FETCH, 0) <= 2
+
+    proxy.faults.silent_fetch = True                   # the broker now takes a Fetch and never answers it
+    # Run as the daemon would, under the probe's own 2 s timeout: the probe gives up its fetches first and reports.
+    silent = await run_once(probe, 2.0, Scrubber([]))
+    assert silent.reason == "timeout"
+    assert silent.message.startswith(f"group {group}: no timestamped record read from {topic} partition ")
+    assert "within the 1.5s fetch budget" in silent.message  # the probe's own deadline, not the runner's timeout
+    values = figures(silent)
+    assert values[("kafka_consumer_group_lag", (("group", group),))] == 100  # offsets are still reported
+    assert ("kafka_consumer_group_lag_seconds", (("group", group),)) not in values  # no age rather than a wrong one
 
 
 # --- dead-letter depth ------------------------------------------------------------------------------------------

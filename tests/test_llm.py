@@ -284,6 +284,60 @@ async def test_after_the_retry_after_window_the_probe_calls_again(sandbox: Sandb
         await probe.close()
 
 
+async def test_the_back_off_moves_to_a_probe_of_the_same_provider_as_wall_clock_time(sandbox: Sandbox) -> None:
+    """What a reload or a restart does with it: export, then restore into a newly built probe."""
+    _, base = sandbox
+    await set_faults(base, llm="rate_limited", llm_retry_after_seconds=120)
+    first, second = make_probe(base), make_probe(base, interval="2m")
+    try:
+        assert (await run_once(first, 3.0, Scrubber())).reason == "rate_limited"
+        await set_faults(base, llm="ok")
+        state = first.export_state()
+        assert first.state_key() == second.state_key() == f"{base}/llm/openai/v1 {DEFAULT_MODEL}"
+        assert time.time() + 100 < state["retry_at"] <= time.time() + 120  # Unix time, not the loop's clock
+        assert DEFAULT_API_KEY not in str(state)
+        second.restore_state(state)
+        again = await run_once(second, 3.0, Scrubber())
+        assert again.reason == "rate_limited" and "no request sent" in again.message
+        assert 100 < gauges(again)[("llm_backoff_seconds", "")] <= 120
+        assert gauges(again)[("llm_ratelimit_remaining", "requests")] == 0  # the 429's figures came along
+        assert len(await received(base)) == 1
+    finally:
+        await first.close()
+        await second.close()
+    assert make_probe(base, model="llama-3.1-8b-instant").state_key() != first.state_key()
+    assert make_probe(base).export_state() == {}  # nothing to keep without a back-off
+
+
+async def test_a_back_off_that_has_passed_restores_as_nothing(sandbox: Sandbox) -> None:
+    _, base = sandbox
+    probe = make_probe(base)
+    try:
+        probe.restore_state({"retry_at": time.time() - 5, "quotas": []})
+        assert (await run_once(probe, 3.0, Scrubber())).success
+        assert len(await received(base)) == 2
+    finally:
+        await probe.close()
+
+
+@pytest.mark.parametrize("state", [
+    pytest.param({"retry_at": time.time() + 30 * 86400}, id="a-month"),
+    pytest.param({"retry_at": float("nan")}, id="nan"),
+    pytest.param({"retry_at": float("inf")}, id="infinity"),
+    pytest.param({"retry_at": True}, id="a-bool"),
+    pytest.param({"retry_at": "1700000000"}, id="a-string"),
+    pytest.param({"retry_at": 1.0, "token": "x"}, id="an-unknown-key"),
+    pytest.param({"retry_at": time.time() + 60, "quotas": [{"kind": "dollars", "limit": 1.0}]}, id="an-unknown-kind"),
+    pytest.param({"retry_at": time.time() + 60, "quotas": [{"kind": "tokens"}, {"kind": "tokens"}]}, id="a-kind-twice"),
+    pytest.param({"quotas": []}, id="no-retry-at"),
+])
+def test_a_corrupt_or_hostile_back_off_is_refused_and_changes_nothing(state: dict[str, Any]) -> None:
+    probe = make_probe("http://127.0.0.1:9")
+    with pytest.raises(ValueError):
+        probe.restore_state(state)
+    assert probe.export_state() == {}
+
+
 async def test_retry_after_as_an_http_date_is_honoured(serve_llm) -> None:  # type: ignore[no-untyped-def]
     later = datetime.now(timezone.utc) + timedelta(seconds=120)
     base = await serve_llm(status=429, headers={"retry-after": format_datetime(later, usegmt=True)})

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
+import sqlite3
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -16,11 +18,12 @@ from twilio.request_validator import RequestValidator
 
 from canary.config import load_config
 from canary.contract import Result
+from canary.ledger import FILE_NAME as LEDGER_FILE, Ledger, building_with
 from canary.runner import run_once
 from canary.sandbox import build_sandbox_app
 from canary.sandbox.whatsapp import DEFAULT_AUTH_TOKEN
 from canary.scrub import Scrubber
-from probes import PROBE_TYPES
+from probes import PROBE_TYPES, build_probe
 from probes.whatsapp import WhatsAppProbe, WhatsAppSettings
 from tests.conftest import free_port, start_app, wait_until, write_config
 
@@ -88,6 +91,8 @@ async def _recording_webhook(request: web.Request) -> web.Response:
     request.app[RECEIVED].append(
         {"form": dict(form), "headers": dict(request.headers), "valid": valid, "content_type": request.content_type}
     )
+    if (on_request := behaviour.get("on_request")) is not None:  # a test looks at the world as the request arrives
+        on_request(request.app[RECEIVED][-1])
     if not valid:
         status = behaviour.get("forged_status", 403)
         if "X-Twilio-Signature" not in request.headers:
@@ -414,6 +419,44 @@ async def test_cleanup_runs_after_the_checks_with_the_message_sid(recorder: tupl
     assert "X-Twilio-Signature" not in cleanup["headers"]
     assert result.phases["cleanup"] > 0
     assert check_texts(result)[-1] == (True, "[CLEANUP] HTTP 204")
+
+
+async def test_the_ledger_holds_each_message_from_before_it_is_sent_until_its_cleanup_removed_it(
+    recorder: tuple[web.Application, str], tmp_path: Path
+) -> None:
+    """A process killed after the webhook went out (even before its answer) leaves a ledger entry, so the message
+    is removed after a restart; a refused cleanup leaves the entry for the janitor, whose retry treats 404 as gone."""
+    app, base = recorder
+    ledger = Ledger.in_directory(tmp_path)
+    settings = settings_for(base, cleanup={"url": base + "/cleanup/{message_sid}"})
+    probe = building_with(ledger, build_probe)(settings)
+
+    def look_at_the_ledger(received: dict[str, Any]) -> None:
+        with sqlite3.connect(tmp_path / LEDGER_FILE) as db:
+            received["ledger"] = [json.loads(row[0]) for row in db.execute("SELECT variables FROM objects")]
+
+    app[BEHAVIOUR].update({"on_request": look_at_the_ledger, "cleanup_status": 500})
+    failed = await run_once(probe, 3.0, Scrubber(settings.secret_values()))
+    assert failed.reason == "cleanup", failed.message
+    signed = app[RECEIVED][0]
+    sid = signed["form"]["MessageSid"]
+    assert signed["ledger"] == [{"message_sid": sid}]  # on disk before the platform saw the message
+    [entry] = ledger.entries()
+    assert entry.variables == {"message_sid": sid}
+
+    app[BEHAVIOUR].update({"on_request": None, "cleanup_status": 404})  # the platform removed it in the meantime
+    assert await probe.remove_leftover(entry.variables) is None
+    assert app[RECEIVED][-1]["cleanup"] == sid
+    sent = len(app[RECEIVED])
+    assert await probe.remove_leftover({"message_sid": "../admin"}) == "the ledger entry holds no message SID"
+    assert len(app[RECEIVED]) == sent  # nothing from a doubtful entry reaches a URL
+
+    app[BEHAVIOUR]["cleanup_status"] = 204
+    passed = await run_once(probe, 3.0, Scrubber(settings.secret_values()))
+    assert passed.success, passed.message
+    assert [e.run_id for e in ledger.entries()] == [entry.run_id]  # the passing run's entry went with its cleanup
+    await probe.close()
+    await ledger.close()
 
 
 async def test_failed_cleanup_after_passing_checks_fails_as_cleanup(recorder: tuple[web.Application, str]) -> None:

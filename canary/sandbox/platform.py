@@ -1,14 +1,19 @@
 """The platform itself: `GET /health` with its channel map, and the web support form with its tickets.
 
 A submitted ticket gets an AI-agent reply after `agent_delay_seconds` (unless the agent is stalled), like the
-real worker picking it off Kafka. `GET /_sandbox/tickets` lists what exists, so tests can prove cleanup.
+real worker picking it off Kafka: raise it to make the agent slow. `delete = "error"` makes every delete fail.
+`GET /support/tickets` lists the tickets as a platform's admin API would (id, subject, status, creation time), for
+the transaction probe's sweep; `GET /_sandbox/tickets` lists what exists with the sandbox's own view of it (which
+ones came marked synthetic), so tests can prove cleanup.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +23,7 @@ from canary.sandbox.faults import FAULTS, HANG_SECONDS
 FAULT_DEFAULTS: dict[str, Any] = {
     "health": "ok",
     "slow_seconds": 2.0,
+    "health_unavailable": 0,  # the next N GET /health answer 503, then as `health` says (a blip, for retries)
     "database": "active",
     "channels": {"email": "active", "whatsapp": "active", "web_form": "active"},
     "submit": "ok",
@@ -27,7 +33,9 @@ FAULT_DEFAULTS: dict[str, Any] = {
 }
 FAULT_CHOICES = {
     "health": ("ok", "error", "hang", "slow", "degraded", "malformed"),
-    "submit": ("ok", "error", "hang", "no_ticket_id"),
+    # slow: the ticket is created at once, its answer comes `slow_seconds` later (a kill meanwhile leaves a ticket
+    # whose id the canary never learned: only a sweep finds it).
+    "submit": ("ok", "error", "hang", "no_ticket_id", "slow"),
     "agent": ("ok", "stalled", "escalate"),
     "delete": ("ok", "error", "hang"),
 }
@@ -41,9 +49,14 @@ class Ticket:
     synthetic: bool
     status: str = "open"
     messages: list[dict[str, str]] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
         return {"ticket_id": self.ticket_id, "status": self.status, "messages": list(self.messages)}
+
+    def summary(self) -> dict[str, Any]:
+        created = datetime.fromtimestamp(self.created, timezone.utc).isoformat(timespec="milliseconds")
+        return {"ticket_id": self.ticket_id, "subject": self.subject, "status": self.status, "created_at": created}
 
 
 class TicketDesk:
@@ -82,6 +95,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/support/submit", _submit)
     app.router.add_get("/support/ticket/{ticket_id}", _get_ticket)
     app.router.add_delete("/support/ticket/{ticket_id}", _delete_ticket)
+    app.router.add_get("/support/tickets", _ticket_index)
     app.router.add_get("/_sandbox/tickets", _list_tickets)
 
     async def _stop_replies(app: web.Application) -> None:
@@ -92,6 +106,9 @@ def add_routes(app: web.Application) -> None:
 
 async def _health(request: web.Request) -> web.Response:
     faults = request.app[FAULTS]
+    if faults["health_unavailable"] >= 1:
+        faults.update({"health_unavailable": faults["health_unavailable"] - 1})
+        return web.json_response({"detail": "Service Unavailable"}, status=503)
     mode = faults["health"]
     if mode == "hang":
         await asyncio.sleep(HANG_SECONDS)
@@ -126,6 +143,8 @@ async def _submit(request: web.Request) -> web.Response:
         desk.schedule_reply(ticket, faults["agent_delay_seconds"], escalate=faults["agent"] == "escalate")
     if faults["submit"] == "no_ticket_id":
         return web.json_response({"message": "received"}, status=201)
+    if faults["submit"] == "slow":
+        await asyncio.sleep(faults["slow_seconds"])
     return web.json_response({"ticket_id": ticket.ticket_id, "message": "received"}, status=201)
 
 
@@ -153,3 +172,10 @@ async def _list_tickets(request: web.Request) -> web.Response:
     return web.json_response(
         {"tickets": [{**t.as_dict(), "subject": t.subject, "synthetic": t.synthetic} for t in tickets]}
     )
+
+
+async def _ticket_index(request: web.Request) -> web.Response:
+    """The platform-style listing, oldest first: what a sweep reads (no sandbox-only fields)."""
+    tickets = sorted(request.app[DESK].tickets.values(), key=lambda t: t.created)
+    return web.json_response({"tickets": [t.summary() for t in tickets], "count": len(tickets)})
+
