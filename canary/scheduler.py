@@ -2,8 +2,16 @@
 
 A probe's runs never overlap: one task per probe runs it, waits, and runs it again. When a run takes longer
 than the gap to its next slot, the missed slots are skipped (and counted), not queued. A probe changed by a
-reload keeps its rhythm: its first run under the new settings comes one (new) interval after its last one.
+reload keeps its rhythm: its first run under the new settings comes one (new) interval after its last one, and
+its state (see `canary.probe_state`) when it is about the same thing.
 The scheduler knows nothing about probe types; it builds probes through the factory it is given.
+
+Nothing long runs on the loop while probes are due. A start or a reload builds, starts and stops probes in slices
+of a few milliseconds (`Pacer`), the most urgent first, and never collects the whole heap: what it built is
+frozen out of the collector's sight instead (see `apply`). When the process cannot keep up all the same, its own
+slowness must not look like the targets' (canary/saturation.py): a slot that comes while the loop is far behind is
+skipped (counted with reason "saturated"), and a run that timed out while the loop was behind is `starved`, not
+failed, and leaves the probe's verdict as it was.
 """
 
 from __future__ import annotations
@@ -13,13 +21,16 @@ import gc
 import logging
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
+from canary.probe_state import hand_over
 from canary.runner import run_once
+from canary.saturation import LoopMonitor, Pacer, judge, readable_lag, release, shed_after
 from canary.scrub import Scrubber
 from canary.state import ResultStore
-from canary.contract import Probe, ProbeSettings
+from canary.contract import Probe, ProbeSettings, format_duration
 
 log = logging.getLogger("canary.scheduler")
 # A slot missed by less than this when a probe starts is run at once (late), not pushed a whole interval on.
@@ -29,6 +40,7 @@ FIRST_ROUND_GC_PAUSE = 30.0
 # How long a cancelled probe task and a probe's close() may take before they are abandoned: a stop or a
 # reload must finish even when a probe (or a library under it) does not let go.
 STOP_TIMEOUT = 5.0
+SATURATION_LOG_EVERY = 60.0  # at most one warning a minute while the loop is saturated
 
 
 class ProbeBuildError(Exception):
@@ -41,25 +53,8 @@ class ProbeBuildError(Exception):
 
 class SchedulerObserver(Protocol):
     def observe_lateness(self, seconds: float) -> None: ...
-    def count_skipped(self, name: str, slots: int) -> None: ...
-
-
-def _freeze_heap(collect: bool = True) -> None:
-    """Move long-lived objects (probes, their sessions and settings) out of the garbage collector's sight.
-
-    With 10,000 probes a full collection walks a million objects and stalls the loop for up to half a second,
-    which every probe due in that moment sees as lateness. Frozen objects are never walked again. While probes
-    are running, freeze without collecting first: that collection would itself be such a stall, and the little
-    garbage it would have freed is kept once, not again.
-    """
-    if collect:
-        gc.collect()
-    gc.freeze()
-
-
-def _end_first_round() -> None:
-    _freeze_heap(collect=False)
-    gc.enable()
+    def count_skipped(self, name: str, slots: int, reason: str) -> None: ...  # reason: "overrun" or "saturated"
+    def count_starved(self, name: str) -> None: ...
 
 
 def stable_offset(name: str, spread: float) -> float:
@@ -74,8 +69,12 @@ class _Running:
     task: asyncio.Task[None]
     in_run: bool = False
     retired: bool = False  # stopped by a reload or a stop: it must not start another run
+    superseded: bool = False  # retired by a reload: its settings are gone, so whatever it still produces is discarded
     abandoned: bool = False  # would not stop when cancelled: whatever it still produces is discarded
-    last_slot: float | None = None  # the slot of its latest run; for a replacement, that of the task it replaces
+    last_slot: float | None = None  # the slot of its latest run (its replacement keeps the rhythm from it)
+    first_slot: float = 0.0  # when a new task runs first
+    predecessor: "_Running | None" = None  # the task of the same name a reload replaced: it must end first
+    waiter: "asyncio.Future[None] | None" = None  # set while it waits for its next slot: `_retire` wakes it
 
 
 class Scheduler:
@@ -99,102 +98,242 @@ class Scheduler:
         self._refreeze: asyncio.TimerHandle | None = None
         self._stopping_tasks: list[_Running] = []
         self._abandoned: set[asyncio.Task[None]] = set()  # tasks that would not stop: kept referenced, never awaited
+        self.monitor = LoopMonitor()  # how far behind the loop runs (canary/saturation.py)
+        self._in_flight = 0
+        self._saturation = _SaturationLog(self.monitor)
 
     @property
     def probe_names(self) -> list[str]:
         return list(self._running)
 
-    async def apply(self, probes: tuple[ProbeSettings, ...], jitter: float, scrub: Scrubber) -> None:
+    def probes(self) -> list[tuple[ProbeSettings, Probe]]:
+        """The running probes with their settings, e.g. to save their state."""
+        return [(item.settings, item.probe) for item in self._running.values()]
+
+    @property
+    def in_flight(self) -> int:
+        """Runs under way now."""
+        return self._in_flight
+
+    async def apply(
+        self, probes: tuple[ProbeSettings, ...], jitter: float, scrub: Scrubber, before_start: Callable[[], None] | None = None
+    ) -> None:
         """Start, stop and restart probe tasks so that exactly `probes` run. Unchanged probes keep their slots.
 
         All-or-nothing: every new or changed probe is built before any running one is touched, so when one cannot
-        be built this raises ProbeBuildError and the running set is exactly as it was."""
+        be built this raises ProbeBuildError and the running set is exactly as it was. `before_start` is called once
+        everything is built, before any task is stopped or started and with no await in between: the daemon syncs
+        its result store there, so no run of a new probe records before its record exists.
+
+        The heap is never collected here: with 10,000 probes that walks a million objects (~0.7 s) while probes are
+        due. The collector rests while the probes are built and through their first round (bounded by
+        FIRST_ROUND_GC_PAUSE), and what they built is frozen (`gc.freeze()`, which costs nothing) after each. A probe
+        a reload replaces was frozen with the rest and is freed by its reference count, not by a collection."""
         jitter_changed = jitter != self._jitter
         wanted = {settings.name: settings for settings in probes}
-        stale = [
-            name for name, running in self._running.items()
-            if jitter_changed or wanted.get(name) != running.settings
-        ]
-        built = await self._build_all([settings for name, settings in wanted.items()
-                                       if name not in self._running or name in stale], scrub)
-        if self._refreeze is not None:
-            self._refreeze.cancel()
-            gc.enable()
+        resting = self._refreeze is not None
+        gc.disable()
+        try:
+            stale: set[str] = set()  # a set: 10,000 names looked up in a list took 0.4 s
+            pacer = Pacer()
+            for name, running in list(self._running.items()):  # comparing 10,000 settings takes a while too
+                if jitter_changed or wanted.get(name) != running.settings:
+                    stale.add(name)
+                await pacer.step()
+            built = await self._build_all([settings for name, settings in wanted.items()
+                                           if name not in self._running or name in stale], scrub)
+        except BaseException:
+            if not resting:
+                gc.enable()
+            raise
+        if self._stopping:  # a stop came while building: nothing new starts
+            await self._close_all([(probe, settings) for settings, probe in built])
+            if not resting:
+                gc.enable()
+            return
         self._scrub = scrub
         self._jitter = jitter
-        if stale:
-            # Let the probes this change replaces be collected. The collection below then walks the whole heap
-            # once (~0.7 s with 10,000 HTTP probes): the price of a reload that changes probes, not of one that
-            # changes nothing.
-            gc.unfreeze()
-        replaced = [self._running.pop(name) for name in stale]
-        await self._stop_tasks(replaced, grace=0.0)
+        self.monitor.start()
+        now = self._loop.time()
+        epoch = now if self._epoch is None else self._epoch
         # A changed probe keeps its rhythm: its next run is one (new) interval after its last one started. A new
-        # jitter asks for a new spread instead, so then every probe joins the grid afresh.
-        last_slots = {} if jitter_changed else {item.settings.name: item.last_slot for item in replaced}
-        if self._epoch is None:
-            self._epoch = self._loop.time()
+        # jitter asks for a new spread instead, so then every probe joins the grid afresh. Made before the switch
+        # (a few at a time), so the switch itself is short.
+        fresh = []
         for settings, probe in built:
-            running = _Running(settings, probe, task=None, last_slot=last_slots.get(settings.name))  # type: ignore[arg-type]
-            running.task = self._loop.create_task(self._loop_probe(running), name=f"probe:{settings.name}")
-            self._running[settings.name] = running
-        if stale or built:  # a reload that changes nothing costs the loop nothing
-            _freeze_heap()
+            previous = self._running.get(settings.name) if settings.name in stale else None
+            running = _Running(settings, probe, task=None, predecessor=previous)  # type: ignore[arg-type]
+            running.first_slot = self._first_slot(running, now, epoch, jitter_changed)
+            fresh.append(running)
+            await pacer.step()
+        # The switch. From here to the first task started there is no await: no replaced task records after the
+        # store followed (`before_start`), and no new one before.
+        replaced = {name: self._running.pop(name) for name in stale}
+        for item in replaced.values():
+            item.retired = item.superseded = True
+        if before_start is not None:
+            before_start()
+        self._epoch = epoch
+        # The most urgent first, each right after the task it replaces is retired, so the switch is done well before
+        # the probes it concerns are due.
+        fresh.sort(key=lambda item: item.first_slot)
+        for position, running in enumerate(fresh):
+            if self._stopping:  # a stop came while starting: what has not started never will
+                await self._close_all([(item.probe, item.settings) for item in fresh[position:]])
+                break
+            if running.predecessor is not None:
+                self._retire(running.predecessor)
+                # Its last run may have come while the switch was being prepared: the rhythm counts from that one.
+                running.first_slot = self._first_slot(running, self._loop.time(), epoch, jitter_changed)
+            running.task = self._loop.create_task(self._loop_probe(running), name=f"probe:{running.settings.name}")
+            self._running[running.settings.name] = running
+            await pacer.step()
+        retired = list(replaced.values())
+        replaced.clear()
+        await self._stop_tasks(retired, grace=0.0)
+        await release(retired)  # with their probes and settings, a few at a time
         if built:
-            # Probes build their sessions on their first run, inside the jitter window. Collecting while 10,000
-            # sessions appear means full passes of 0.2-0.3 s, so the collector rests for that first round
-            # (bounded by FIRST_ROUND_GC_PAUSE) and what it built is frozen at the end of it.
+            gc.freeze()
+            if self._refreeze is not None:
+                self._refreeze.cancel()
             longest = max(settings.interval or 0.0 for settings, _ in built)
-            gc.disable()
-            self._refreeze = self._loop.call_later(min(jitter, longest, FIRST_ROUND_GC_PAUSE) + 1.0, _end_first_round)
+            self._refreeze = self._loop.call_later(min(jitter, longest, FIRST_ROUND_GC_PAUSE) + 1.0, self._end_rest)
+        elif not resting:
+            gc.enable()
+
+    @contextmanager
+    def collector_resting(self) -> Iterator[None]:
+        """The garbage collector rests for the length of the block, e.g. while a reload loads a config and applies
+        it: 10,000 new settings, probes and records would make it walk them again and again (stalls of 0.1-0.5 s,
+        in a loading thread too, since it holds the GIL). An apply in the block that built probes keeps it resting
+        through their first round; otherwise it works again once the block ends."""
+        resting = self._refreeze is not None
+        gc.disable()
+        try:
+            yield
+        finally:
+            if self._refreeze is None and not resting:
+                gc.enable()
+
+    def _end_rest(self) -> None:
+        """The first round of the probes last started is over: freeze what it built and let the collector work."""
+        self._refreeze = None
+        gc.freeze()
+        gc.enable()
+
+    def _first_slot(self, running: _Running, now: float, epoch: float, jitter_changed: bool) -> float:
+        settings = running.settings
+        interval = settings.interval or 30.0
+        last_slot = running.predecessor.last_slot if running.predecessor is not None and not jitter_changed else None
+        if last_slot is not None:  # replaces a changed probe: not sooner than one interval after its last run
+            return max(last_slot + interval, now)
+        offset = stable_offset(settings.name, min(self._jitter, interval))
+        slot = epoch + offset
+        if slot < now - JOIN_TOLERANCE:  # added by a reload: its first run within the jitter window, like at a start
+            slot = now + offset
+        return slot
 
     async def _build_all(self, wanted: list[ProbeSettings], scrub: Scrubber) -> list[tuple[ProbeSettings, Probe]]:
         built: list[tuple[ProbeSettings, Probe]] = []
+        pacer = Pacer()
         for settings in wanted:
             try:
                 built.append((settings, self._build_probe(settings)))
             except Exception as exc:  # noqa: BLE001 - any failure to build leaves the running set untouched
-                await asyncio.gather(*(self._close(probe, built_settings) for built_settings, probe in built))
+                await self._close_all([(probe, built_settings) for built_settings, probe in built])
                 raise ProbeBuildError(settings.name, scrub(f"{type(exc).__name__}: {exc}")) from None
+            await pacer.step()
         return built
 
     async def _loop_probe(self, running: _Running) -> None:
         settings = running.settings
         interval = settings.interval or 30.0
         timeout = settings.timeout or interval
+        shed = shed_after(timeout)
         loop = self._loop
-        now = loop.time()
-        if running.last_slot is not None:  # replaces a changed probe: not sooner than one interval after its last run
-            slot = max(running.last_slot + interval, now)
-        else:
-            offset = stable_offset(settings.name, min(self._jitter, interval))
-            slot = (self._epoch or now) + offset
-            if slot < now - JOIN_TOLERANCE:  # added by a reload: its first run within the jitter window, like at a start
-                slot = now + offset
+        slot = running.first_slot
+        if running.predecessor is not None:
+            await self._take_over(running)
+            slot = max(slot, loop.time())
         while not (self._stopping or running.retired):
-            delay = slot - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            lateness = max(loop.time() - slot, 0.0)
+            if slot > loop.time():
+                await self._wait_for(running, slot)
+                if self._stopping or running.retired:
+                    return
+            now = loop.time()
+            lateness = max(now - slot, 0.0)
+            if lateness >= shed and self.monitor.recent_lag() >= shed:
+                # The loop itself has stayed far behind for a second (not one stall, not only this task): a run
+                # started now would spend its timeout queueing behind the others. Skip the slot, and let the runs
+                # under way finish.
+                slot = self._skip(settings.name, slot + interval, interval, now, "saturated", already=1)
+                continue
             self._observer.observe_lateness(lateness)
             running.last_slot = slot
             running.in_run = True
+            self._in_flight += 1
+            reading = self.monitor.reading()
             try:
                 result = await run_once(running.probe, timeout, self._scrub)
             finally:
                 running.in_run = False
-            if running.abandoned:  # it ignored its cancellation; a newer task may own this name now
+                self._in_flight -= 1
+            if running.abandoned or running.superseded:  # a newer task owns this name now, or none does
                 return
+            result = judge(result, timeout, self.monitor, reading)
+            if result.reason == "starved":
+                self._observer.count_starved(settings.name)
+                self._saturation.starved()
             try:
-                self._note_transition(settings, result)
+                if result.reason != "starved":
+                    self._note_transition(settings, result)
                 self._store.record(settings.name, result, time.time(), lateness)
             except Exception:  # noqa: BLE001 - a broken listener must not stop this probe's schedule
                 log.exception("recording the result of probe %s failed", settings.name)
-            slot += interval
-            missed = int((loop.time() - slot) // interval)
-            if missed > 0:  # whole slots passed during the run: skip them, never queue them
-                self._observer.count_skipped(settings.name, missed)
-                slot += missed * interval
+            slot = self._skip(settings.name, slot + interval, interval, loop.time(),
+                              "saturated" if result.reason == "starved" else "overrun")
+
+    def _skip(self, name: str, slot: float, interval: float, now: float, reason: str, already: int = 0) -> float:
+        """`slot` moved past every whole interval that has passed by `now`: those slots (and `already` more) are
+        skipped and counted, never queued. A slot passed by less than an interval still runs, late."""
+        passed = max(int((now - slot) // interval), 0)
+        if passed + already > 0:
+            self._observer.count_skipped(name, passed + already, reason)
+            if reason == "saturated":
+                self._saturation.skipped(passed + already)
+        return slot + passed * interval
+
+    async def _take_over(self, running: _Running) -> None:
+        """Before its first run, a replacement waits (bounded) for the task it replaces to end (runs never overlap),
+        then takes over its state (see `canary.probe_state`), which is final by then."""
+        previous, running.predecessor = running.predecessor, None
+        if previous is None:
+            return
+        if not previous.task.done():
+            await asyncio.wait({previous.task}, timeout=self._stop_timeout + previous.settings.cleanup_bound())
+        hand_over(previous.settings, previous.probe, running.settings, running.probe)
+
+    async def _wait_for(self, running: _Running, slot: float) -> None:
+        """Sleeps until `slot`, unless `_retire` wakes it first.
+
+        A retired task that waits for its next slot is woken, not cancelled: it then ends like any function, while a
+        cancelled one leaves a CancelledError whose traceback holds its frame in a reference cycle. Made while the
+        collector rests and frozen after it, 10,000 of those (and the probes their frames hold) would never be freed."""
+        waiter = running.waiter = self._loop.create_future()
+        timer = self._loop.call_at(slot, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            running.waiter = None
+
+    def _retire(self, item: _Running) -> None:
+        """No more runs: a task waiting for its slot is woken to end; one in a run is cancelled."""
+        item.retired = True
+        if item.waiter is not None:
+            _wake(item.waiter)
+        elif not item.task.done() and not item.task.cancelling():
+            item.task.cancel()
 
     def _note_transition(self, settings: ProbeSettings, result) -> None:  # type: ignore[no-untyped-def]
         """Log a failure (ERROR for a critical probe, WARNING for a warning one) or a recovery (INFO), once each,
@@ -219,10 +358,12 @@ class Scheduler:
         self._stopping = True
         if self._refreeze is not None:
             self._refreeze.cancel()
-            gc.enable()
+            self._refreeze = None
+        gc.enable()
         running = list(self._running.values())
         self._running.clear()
         await self._stop_tasks(running, grace)
+        self.monitor.stop()
 
     def hurry(self) -> None:
         """Cancel every task a stop is still waiting for, at once (a second SIGTERM)."""
@@ -236,8 +377,11 @@ class Scheduler:
         self._stopping_tasks = running
         for item in running:
             item.retired = True
+        pacer = Pacer()  # each retired task takes a step in the loop's next pass: not 10,000 in one
+        for item in running:
             if not item.in_run or grace <= 0:
-                item.task.cancel()
+                self._retire(item)
+                await pacer.step()
         busy = {item.task for item in running if not item.task.done()}
         if busy and grace > 0:
             _, busy = await asyncio.wait(busy, timeout=grace)
@@ -257,7 +401,18 @@ class Scheduler:
         for item in running:
             if item.task.done() and not item.task.cancelled() and item.task.exception() is not None:
                 log.error("%s ended with %s", item.task.get_name(), self._scrub(repr(item.task.exception())))
-        await asyncio.gather(*(self._close(item.probe, item.settings) for item in running))
+        await self._close_all([(item.probe, item.settings) for item in running])
+
+    async def _close_all(self, probes: list[tuple[Probe, ProbeSettings]]) -> None:
+        """Close these probes side by side, started a slice at a time."""
+        closing = []
+        pacer = Pacer()
+        for probe, settings in probes:
+            closing.append(self._loop.create_task(self._close(probe, settings)))
+            await pacer.step()
+        for task in closing:  # one at a time: gathering 10,000 at once is itself a long step
+            await task
+        await release(closing)  # type: ignore[arg-type]
 
     async def _close(self, probe: Probe, settings: ProbeSettings) -> None:
         name = settings.name
@@ -266,3 +421,39 @@ class Scheduler:
                 await probe.close()
         except Exception as exc:  # noqa: BLE001 - closing one probe must not stop the others closing
             log.warning("probe %s did not close cleanly: %s", name, self._scrub(f"{type(exc).__name__}: {exc}"))
+
+
+def _wake(waiter: "asyncio.Future[None]") -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _SaturationLog:
+    """One warning a minute at most while the loop is saturated, never one per probe (that would add to the load)."""
+
+    def __init__(self, monitor: LoopMonitor) -> None:
+        self._monitor = monitor
+        self._skipped = 0
+        self._starved = 0
+        self._logged = float("-inf")
+
+    def skipped(self, slots: int) -> None:
+        self._skipped += slots
+        self._maybe_log()
+
+    def starved(self) -> None:
+        self._starved += 1
+        self._maybe_log()
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        if now - self._logged < SATURATION_LOG_EVERY:
+            return
+        since = "" if self._logged == float("-inf") else f" in the last {format_duration(round(now - self._logged))}"
+        log.warning(
+            "this process cannot keep up: its event loop is up to %s behind (saturation %.2f); %d slots skipped and %d "
+            "runs starved%s. Starved runs are no verdict and change no probe's state; run fewer probes per process "
+            "(shards) or give it more CPU",
+            readable_lag(self._monitor.lag()), self._monitor.ratio(), self._skipped, self._starved, since,
+        )
+        self._logged, self._skipped, self._starved = now, 0, 0

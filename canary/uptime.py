@@ -2,8 +2,8 @@
 
 The status page's recent runs (30 by default) say nothing about yesterday, and a restart forgets even those. So each
 probe keeps compact hourly buckets here: for each clock hour, how many runs, how many failed, and the sum of their
-durations. 168 buckets (7 days) a probe at most, in flat typed arrays overwritten in place as the hours come round,
-so the memory a probe takes is fixed (3.4 KB) however long the daemon runs.
+durations. 168 buckets (7 days) a probe at most, in flat typed arrays that grow by one bucket an hour and are then
+overwritten in place as the hours come round: 20 bytes a probe in its first hour, never more than 3.4 KB.
 
 Fed by the ResultStore's listener hook, never by the scheduler. Saved to `<state_dir>/uptime.json` (`[daemon]
 state_dir`, `--state.dir`), written to a temporary file and renamed over the old one, so a crash mid-write leaves the
@@ -18,8 +18,10 @@ starts in counts in proportion to its overlap (as if its runs were spread evenly
 the current hour and the 167 before it.
 
 The file is JSON with each probe's four arrays as base64 of their little-endian bytes (int32 hour numbers since
-the epoch, uint32 runs, uint32 failures, float64 latency sums): 10,000 probes' full week is about 45 MB, written in
-well under a second, where a list of numbers per bucket took seconds to encode and to read back.
+the epoch, uint32 runs, uint32 failures, float64 latency sums), as many buckets as the probe has (version 2; version
+1 files, with all 168 slots, are still read): 10,000 probes' full week is about 45 MB, their first hour 2 MB. The
+snapshot is taken on the loop a slice of probes at a time, and the file is encoded and written a probe at a time in a
+worker thread, so neither the loop nor the memory ever holds the whole file at once.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ BUCKETS = 168  # 7 days of hours
 WINDOWS: dict[str, float] = {"1h": HOUR, "24h": 24 * HOUR, "7d": 7 * 24 * HOUR}
 FILE_NAME = "uptime.json"
 FORMAT = "channel-canary/uptime"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)  # 1: every array holds all BUCKETS slots, empty ones included
 SAVE_EVERY = 60.0
-# The arrays as the file names them, with their element types; every one holds BUCKETS elements.
+SNAPSHOT_SLICE = 500  # probes copied per turn of the event loop while a periodic save takes its snapshot
+# The arrays as the file names them, with their element types; every one holds at most BUCKETS elements.
 _ARRAYS = (("hours", "i"), ("runs", "I"), ("failures", "I"), ("latency_sum", "d"))
 
 
@@ -84,27 +88,43 @@ class Availability:
 
 
 class _Buckets:
-    """One probe's ring of hourly buckets: slot `hour % 168` holds that hour's runs, failures and latency sum.
+    """One probe's hourly buckets: entry i holds hour `hours[i]`'s runs, failures and latency sum.
 
     Flat typed arrays rather than an object a bucket: 20 bytes a bucket, and nothing for the garbage collector to
-    walk."""
+    walk. They grow by one entry for each new hour up to BUCKETS; then a new hour takes the oldest hour's entry."""
 
-    __slots__ = ("hours", "runs", "failures", "latency_sum")
+    __slots__ = ("hours", "runs", "failures", "latency_sum", "latest")
 
     def __init__(self) -> None:
         for name, code in _ARRAYS:
-            setattr(self, name, array(code, bytes(array(code).itemsize * BUCKETS)))  # zeros: empty buckets
+            setattr(self, name, array(code))
+        self.latest = -1  # the entry of the newest hour, where nearly every run lands
 
     def add(self, hour: int, runs: int, failures: int, latency_sum: float) -> None:
-        slot = hour % BUCKETS
-        held = self.hours[slot]
-        if held > hour:
-            return  # the slot holds a later hour: this run is older than 7 days (or the clock jumped back that far)
-        if held < hour:
-            self.hours[slot], self.runs[slot], self.failures[slot], self.latency_sum[slot] = hour, 0, 0, 0.0
-        self.runs[slot] += runs
-        self.failures[slot] += failures
-        self.latency_sum[slot] += latency_sum
+        hours = self.hours
+        index = self.latest
+        if index < 0 or hours[index] != hour:
+            newest = hours[index] if index >= 0 else -1
+            try:
+                index = hours.index(hour)
+            except ValueError:
+                if hour <= newest - BUCKETS:
+                    return  # outside the 168 hours that end with the newest: more than 7 days ago (or a clock jump)
+                expired = next((i for i, held in enumerate(hours) if held <= hour - BUCKETS), None)
+                if expired is not None:  # an hour that left the 7 days gives its entry to the new one
+                    index = expired
+                    hours[index], self.runs[index], self.failures[index], self.latency_sum[index] = hour, 0, 0, 0.0
+                else:  # fewer than 168 entries: a full ring always has one expired by a newer hour
+                    index = len(hours)
+                    hours.append(hour)
+                    self.runs.append(0)
+                    self.failures.append(0)
+                    self.latency_sum.append(0.0)
+            if hour > newest:
+                self.latest = index
+        self.runs[index] += runs
+        self.failures[index] += failures
+        self.latency_sum[index] += latency_sum
 
     def windows(self, now: float) -> dict[str, Availability]:
         """Every window of WINDOWS, in one pass over the slots."""
@@ -129,6 +149,7 @@ class _Buckets:
         twin = _Buckets.__new__(_Buckets)
         for name, code in _ARRAYS:
             setattr(twin, name, array(code, getattr(self, name)))
+        twin.latest = self.latest
         return twin
 
     def encode(self) -> dict[str, str]:
@@ -142,7 +163,7 @@ class _Buckets:
         return encoded
 
     @classmethod
-    def decode(cls, document: Any) -> "_Buckets":
+    def decode(cls, document: Any, version: int = FORMAT_VERSION) -> "_Buckets":
         """Buckets from the file's form of them; ValueError saying what is wrong with anything else."""
         if not isinstance(document, dict) or set(document) != {name for name, _ in _ARRAYS}:
             raise ValueError(f"expected an object with {', '.join(name for name, _ in _ARRAYS)}")
@@ -153,23 +174,29 @@ class _Buckets:
                 raw = base64.b64decode(document[name], validate=True)
             except (TypeError, binascii.Error):
                 raise ValueError(f"{name} is not base64") from None
-            if len(raw) != values.itemsize * BUCKETS:
+            if version == 1 and len(raw) != values.itemsize * BUCKETS:
                 raise ValueError(f"{name} does not hold {BUCKETS} values")
+            if len(raw) % values.itemsize or len(raw) > values.itemsize * BUCKETS:
+                raise ValueError(f"{name} does not hold at most {BUCKETS} whole values")
             values.frombytes(raw)
             if sys.byteorder != "little":
                 values.byteswap()
             read[name] = values
         hours, runs, failures, latency = read["hours"], read["runs"], read["failures"], read["latency_sum"]
+        if len({len(values) for values in read.values()}) != 1:
+            raise ValueError("its arrays differ in length")
+        if not hours:
+            return cls()
         if min(hours) < 0 or not all(map(operator.ge, runs, failures)):
             raise ValueError("a bucket has a negative hour, or more failures than runs")
         if min(latency) < 0 or not math.isfinite(sum(latency)):
             raise ValueError("a bucket has a negative or non-finite latency sum")
         buckets = cls()
-        # Added slot by slot, so a bucket saved in the wrong slot lands in its own, and an older one cannot
-        # overwrite a newer one.
-        for slot, count in enumerate(runs):
-            if count:
-                buckets.add(hours[slot], count, failures[slot], latency[slot])
+        # Added bucket by bucket (in the saved order, so figures add up exactly as before the save), so a repeated
+        # hour adds up and no more than the 168 hours that end with the newest are kept.
+        for index in range(len(hours)):
+            if runs[index]:
+                buckets.add(hours[index], runs[index], failures[index], latency[index])
         return buckets
 
 
@@ -258,6 +285,19 @@ class UptimeBook:
         self._changed = False
         return {name: buckets.copy() for name, buckets in self._probes.items()}
 
+    async def _snapshot_in_slices(self) -> dict[str, _Buckets]:
+        """`snapshot`, a slice of probes per turn of the loop: 10,000 probes' copies in one go would hold it ~20 ms."""
+        self._changed = False
+        snapshot: dict[str, _Buckets] = {}
+        names = list(self._probes)
+        for start in range(0, len(names), SNAPSHOT_SLICE):
+            for name in names[start:start + SNAPSHOT_SLICE]:
+                buckets = self._probes.get(name)
+                if buckets is not None:  # not dropped by a reload meanwhile
+                    snapshot[name] = buckets.copy()
+            await asyncio.sleep(0)
+        return snapshot
+
     def save(self) -> bool:
         """Write the buckets now, atomically; returns whether it worked (a failure is logged, never raised)."""
         if self.path is None:
@@ -274,7 +314,7 @@ class UptimeBook:
             if not self._changed:
                 continue
             try:
-                await asyncio.to_thread(self._write, self.snapshot())
+                await asyncio.to_thread(self._write, await self._snapshot_in_slices())
             except Exception:  # a bug here must not end the saving for the rest of the daemon's life
                 log.exception("saving the uptime history failed")
 
@@ -284,15 +324,19 @@ class UptimeBook:
 
     def _write_file(self, snapshot: dict[str, _Buckets]) -> bool:
         assert self.path is not None
-        document = {
-            "format": FORMAT, "version": FORMAT_VERSION, "bucket_seconds": int(HOUR),
-            "probes": {name: buckets.encode() for name, buckets in snapshot.items()},
-        }
+        header = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "bucket_seconds": int(HOUR)},
+                            separators=(",", ":"))
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with temporary.open("w", encoding="utf-8") as file:
-                file.write(json.dumps(document, separators=(",", ":")))
+                # A probe at a time: the whole document as one string would be 45 MB for 10,000 probes' week, kept
+                # by the allocator long after the save.
+                file.write(header[:-1] + ',"probes":{')
+                for position, (name, buckets) in enumerate(snapshot.items()):
+                    file.write(("," if position else "") + json.dumps(name) + ":"
+                               + json.dumps(buckets.encode(), separators=(",", ":")))
+                file.write("}}")
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, self.path)
@@ -325,10 +369,11 @@ def _parse(text: str) -> dict[str, _Buckets]:
         raise ValueError(f"not valid JSON ({exc})") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise ValueError(f'not a channel-canary uptime file (no "format": "{FORMAT}")')
-    if document.get("version") != FORMAT_VERSION or document.get("bucket_seconds") != int(HOUR):
+    version = document.get("version")
+    if version not in READS_VERSIONS or document.get("bucket_seconds") != int(HOUR):
         raise ValueError(
-            f"written in another layout (version {document.get('version')!r}, bucket_seconds "
-            f"{document.get('bucket_seconds')!r}; this daemon reads version {FORMAT_VERSION}, {int(HOUR)})"
+            f"written in another layout (version {version!r}, bucket_seconds {document.get('bucket_seconds')!r}; "
+            f"this daemon reads versions {', '.join(map(str, READS_VERSIONS))}, {int(HOUR)})"
         )
     probes = document.get("probes")
     if not isinstance(probes, dict):
@@ -336,7 +381,7 @@ def _parse(text: str) -> dict[str, _Buckets]:
     parsed = {}
     for name, buckets in probes.items():
         try:
-            parsed[name] = _Buckets.decode(buckets)
+            parsed[name] = _Buckets.decode(buckets, version)
         except ValueError as exc:
             raise ValueError(f"probe {name[:64]!r}: {exc}") from None
     return parsed

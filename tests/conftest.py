@@ -40,6 +40,16 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+@pytest.fixture(scope="session", autouse=True)
+def state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """No test writes into the real home: every default state directory (canary/statedir.py) of this session, the
+    daemons' and `--once`'s started as subprocesses included, is under a temporary directory."""
+    home = tmp_path_factory.mktemp("state-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CANARY_STATE_HOME", str(home))
+        yield home
+
+
 @pytest.fixture(scope="session")
 def postgres_dsn() -> str:
     """The local PostgreSQL; tests that need it skip, with the reason, where none is reachable."""
@@ -81,11 +91,22 @@ def write_config(tmp_path: Path, body: str, name: str = "config.toml") -> Path:
 class Process:
     """A subprocess this test started; ended by its own pid only, and always within a bounded wait."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None, cpus: set[int] | None = None,
+        nice: int = 0,
+    ) -> None:
+        """`cpus`: pin the process (and the threads it starts) to these CPUs; `nice`: lower its priority by this much."""
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"canary-test-{os.getpid()}-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
+        def pin() -> None:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+            if nice:
+                os.nice(nice)
+
         self.popen = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd
+            args, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd,
+            preexec_fn=pin if cpus or nice else None,
         )
 
     def output(self) -> str:
