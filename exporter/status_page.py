@@ -145,8 +145,13 @@ def status_json(
                 "reason": r.latest.reason if r.latest else None,
                 "message": r.latest.message if r.latest else "",
                 "duration_seconds": r.latest.duration_seconds if r.latest else None,
+                "attempts": r.latest.attempts if r.latest else None,
                 "last_run_timestamp_seconds": r.last_run_time or None,
                 "last_success_timestamp_seconds": r.last_success_time or None,
+                # Runs the canary's own overload starved: no verdict, so `state` above is the last real one.
+                "starved_runs": r.starved,
+                "starved_since_last_verdict": r.last_starved is not None,
+                "last_starved_timestamp_seconds": r.last_starved_time or None,
                 "uptime": _uptime_json(p.uptime),
                 "history": [
                     {"timestamp_seconds": h.wall_time, "success": h.success, "reason": h.reason,
@@ -253,6 +258,10 @@ def _live(overall: Verdict, channels: Mapping[str, ChannelState], probes: list[_
         for level, label in (("down", "Failing"), ("warn", "Warnings"))
         if any(p.level == level for p in ordered)
     ] + [f"{number} {label}" for number, label in ((overall.passing, "passing"), (overall.pending, "pending")) if number]
+    starved = sum(1 for p in probes if p.record.last_starved is not None)
+    if starved:  # the canary's own overload, not the platform's: said apart, and no probe's state changes for it
+        details.append(f"canary overloaded: the last run of {starved} probe{'s' if starved > 1 else ''} was starved, "
+                       "their last verdict is shown")
     generated = _utc(now)
     return (
         f'<div id="live" data-status="{overall.status}" data-generated="{now:.3f}">'
@@ -345,6 +354,9 @@ def _probe_row(probe: _Probe, now: float) -> str:
     last_success = ""
     if latest is not None and not latest.success:
         last_success = f'<br><small class="muted">last success {_time(record.last_success_time, now)}</small>'
+    if record.last_starved is not None:
+        result += (f'<br><small class="muted starved">starved {_time(record.last_starved_time, now)}: the canary was '
+                   "too busy to finish the run, so it gives no verdict</small>")
     return (
         f'<tr class="probe {level}" data-probe="{escape(settings.name)}" data-severity="{settings.severity}">'
         f'<td class="state" data-label="State">{_badge(level)}<small class="sev sev-{settings.severity}">{settings.severity}</small></td>'

@@ -12,13 +12,15 @@ from __future__ import annotations
 import logging
 import ssl
 from pathlib import Path
-from typing import Awaitable, Callable, Collection
+from typing import TYPE_CHECKING, Awaitable, Callable, Collection
 
 from aiohttp import web
 
 from canary.config import ConfigError
 from exporter.basic_auth import basic_credentials
-from exporter.web_config import WebConfig, apply_policy, load_web_config
+
+if TYPE_CHECKING:  # exporter.web_config (YAML, cryptography: ~40 ms) is imported only when a web config file is given
+    from exporter.web_config import WebConfig
 
 log = logging.getLogger("canary.web")
 
@@ -40,7 +42,11 @@ class WebSecurity:
     @classmethod
     def from_file(cls, path: Path | str | None) -> WebSecurity:
         """No file: no TLS, no auth, no headers. Raises ConfigError for a bad file."""
-        return cls(load_web_config(path) if path is not None else None)
+        if path is None:
+            return cls(None)
+        from exporter.web_config import load_web_config
+
+        return cls(load_web_config(path))
 
     @property
     def scheme(self) -> str:
@@ -50,6 +56,8 @@ class WebSecurity:
         """Re-read the file for a reload, refusing what needs a restart; changes nothing. Raises ConfigError."""
         if self._config is None:
             return None
+        from exporter.web_config import load_web_config
+
         config = load_web_config(self._config.path)
         running, wanted = self._config.tls, config.tls
         if (running is None) != (wanted is None):
@@ -67,6 +75,8 @@ class WebSecurity:
         if config is None:
             return
         if self.ssl_context is not None and config.tls is not None:
+            from exporter.web_config import apply_policy
+
             apply_policy(self.ssl_context, config.tls)
         self._config = config
         log.info("web config reloaded from %s", config.path)

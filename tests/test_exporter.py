@@ -3,6 +3,8 @@ HTTP endpoints served on a real port."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import shutil
 import subprocess
 from typing import Literal
@@ -250,13 +252,22 @@ def test_only_warning_probes_carry_an_importance_label_and_none_carries_severity
     assert not any(("severity", "warning") in labels for _, labels in parsed)  # alert rules own `severity`
 
 
-def test_history_is_kept_in_a_form_the_garbage_collector_stops_tracking() -> None:
+def test_history_keeps_the_latest_runs_oldest_first_in_a_compact_form() -> None:
     import gc
 
-    store, _ = build([plain("form")])
-    store.record("form", Result.fail("status", "HTTP 500"), 5.0)
-    gc.collect()
+    store, _ = build([plain("form")])  # history=10
+    for second in range(12):
+        result = Result.fail("status", "HTTP 500") if second % 4 == 3 else Result.ok("HTTP 200 OK")
+        store.record("form", replace(result, duration_seconds=second / 100), float(second))
     record = store.get("form")
-    assert record is not None and not gc.is_tracked(record._history[0])
-    [entry] = record.history
-    assert (entry.wall_time, entry.success, entry.reason, entry.message) == (5.0, False, "status", "HTTP 500")
+    assert record is not None
+    entries = record.history
+    assert [entry.wall_time for entry in entries] == [float(second) for second in range(2, 12)]
+    assert [entry.duration_seconds for entry in entries] == [second / 100 for second in range(2, 12)]
+    assert [(entry.success, entry.reason, entry.message) for entry in entries if not entry.success] == [
+        (False, "status", "HTTP 500")] * 3
+    # Runs that end alike share one outcome, which the garbage collector stops tracking (plain values only).
+    outcomes = record._history._outcomes
+    assert len({id(outcome) for outcome in outcomes}) == 6  # 10 runs in 6 stretches of alike outcomes
+    gc.collect()
+    assert not any(gc.is_tracked(outcome) for outcome in outcomes)
