@@ -11,7 +11,9 @@
 #                                    twilio-auth-token, gmail-authorized-user.json, llm-api-key, redis-url:
 #                                    deploy/kubernetes/secret.example.yaml); -e CANARY_SECRETS_DIR=… moves them
 #   --web.config.file FILE           optional exporter-toolkit web config (TLS, basic auth): mount it and add the flag
-# The root file system can be read-only: the canary writes nothing (bytecode is compiled at build time).
+# Writable: /var/lib/channel-canary, the config's state_dir (the ledger of synthetic tickets to remove after a crash,
+# the uptime history). With a read-only root file system mount a volume there (-v canary-state:/var/lib/channel-canary);
+# the canary writes nothing else (bytecode is compiled at build time).
 # SIGHUP reloads the config; SIGTERM stops it within shutdown_grace + cleanup_timeout (20 s with the defaults).
 
 # Builder: build our wheel and install it with its dependencies into a virtualenv (every dependency has a binary
@@ -33,7 +35,8 @@ RUN /opt/channel-canary/bin/pip wheel --no-deps --wheel-dir /wheels . \
 # Final: the virtualenv on the same Python image, no build tools, a fixed non-root user.
 FROM python:3.11-slim-bookworm
 RUN groupadd --system --gid 10001 canary \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin canary
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin canary \
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/channel-canary
 COPY --from=builder /opt/channel-canary /opt/channel-canary
 COPY deploy/kubernetes/config.toml /etc/channel-canary/config.toml
 ENV PATH=/opt/channel-canary/bin:$PATH \

@@ -178,7 +178,7 @@ def runbook_anchors() -> set[str]:
 
 # Alerts about a channel, an instance or the deployment: there is no one probe to name.
 NOT_ABOUT_ONE_PROBE = {"CanaryApiLatencyHigh", "CanaryErrorBudgetBurn", "CanaryTargetDown", "CanaryTargetMissing",
-                       "CanaryConfigReloadFailed", "CanaryRunsSkipped"}
+                       "CanaryConfigReloadFailed", "CanaryRunsSkipped", "CanarySaturated"}
 
 
 @pytest.mark.parametrize("rule", ALERTS, ids=rule_id)
@@ -351,6 +351,38 @@ def test_alertmanager_inhibits_the_consequences_and_routes_the_rest(alertmanager
     time.sleep(2)  # another group interval: nothing inhibited arrives late
     assert webhooks.alert_names("/pager") == pages
     assert webhooks.alert_names("/ticket") == {("CanaryConfigReloadFailed", "canary")}
+
+
+def test_a_saturated_canary_is_one_ticket_not_a_page_per_channel(alertmanager: tuple[str, Webhooks]) -> None:
+    # Its starved runs count as no failure, so no channel pages for its overload; what its lag does stretch (the
+    # durations it measures in its location, its staleness, its skipped slots) is held back while it is saturated.
+    base, webhooks = alertmanager
+    eu = {"environment": "prod", "location": "eu"}
+    canary = {"channel": "canary", "component": "canary", "job": "channel-canary", "instance": "canary-eu-0:9465"}
+    post_alerts(base, [
+        {**eu, **canary, "alertname": "CanarySaturated", "severity": "ticket"},
+        {**eu, "alertname": "CanaryApiLatencyHigh", "severity": "ticket", "channel": "api"},
+        {**eu, "alertname": "CanaryWebFormAgentReplySlow", "severity": "ticket", "channel": "web_form", "probe": "web-form"},
+        {**eu, **canary, "alertname": "CanaryProbeStale", "severity": "ticket", "channel": "email", "probe": "gmail"},
+        # Another location's latency, and a real failure in the saturated one, are not its lag's doing.
+        {"environment": "prod", "location": "us", "alertname": "CanaryApiLatencyHigh", "severity": "ticket", "channel": "api"},
+        {**eu, "alertname": "CanaryProbeFailing", "severity": "ticket", "channel": "database", "probe": "database"},
+    ])
+
+    def states() -> dict[tuple[str, str], bool]:
+        with urllib.request.urlopen(f"{base}/api/v2/alerts", timeout=10) as response:
+            return {(a["labels"]["alertname"], a["labels"].get("location", "")): bool(a["status"]["inhibitedBy"])
+                    for a in json.load(response)}
+
+    expected = {
+        ("CanarySaturated", "eu"): False, ("CanaryApiLatencyHigh", "eu"): True, ("CanaryWebFormAgentReplySlow", "eu"): True,
+        ("CanaryProbeStale", "eu"): True, ("CanaryApiLatencyHigh", "us"): False, ("CanaryProbeFailing", "eu"): False,
+    }
+    wait_for(lambda: states() == expected, timeout=20, what="Alertmanager's inhibitions")
+    tickets = {("CanarySaturated", "canary"), ("CanaryApiLatencyHigh", "api"), ("CanaryProbeFailing", "database")}
+    wait_for(lambda: webhooks.alert_names("/ticket") == tickets, timeout=30, what="notifications at the receivers")
+    time.sleep(2)  # another group interval: nothing inhibited arrives late
+    assert webhooks.alert_names("/ticket") == tickets and webhooks.alert_names("/pager") == set()
 
 
 # --- a real Prometheus on the daemon's real series ------------------------------------------------------------------
@@ -532,5 +564,6 @@ def test_probe_settings_agree_with_the_rules_thresholds(path: str) -> None:
     assert default(probes["llm"]["slow_after"]) == f"{t['llm_slow_seconds']:g}s"
     assert probes["llm"]["min_headroom"] == t["llm_min_headroom_ratio"]
     assert probes["kafka_lag"]["max_lag"] == t["kafka_consumer_lag"]
+    assert probes["kafka_lag"]["max_lag_age"] == f"{t['kafka_lag_critical_seconds']:g}s"
     assert probes["gmail"]["min_watch_remaining"] == f"{t['gmail_watch_min_remaining_seconds'] // 3600}h"
     assert probes["redis"]["max_memory_ratio"] == t["redis_memory_ratio"]

@@ -442,6 +442,12 @@ def env_of(item: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in item.get("env", []) if "value" in e}
 
 
+def deployed_state_dir() -> str:
+    """The deployed config's `[daemon] state_dir` where CANARY_STATE_DIR is not set (as in a pod)."""
+    line = next(line for line in (K8S / "config.toml").read_text().splitlines() if line.startswith("state_dir"))
+    return re.fullmatch(r'state_dir = "\$\{CANARY_STATE_DIR:-(/[^}]+)\}"', line).group(1)  # type: ignore[union-attr]
+
+
 def test_statefulset_runs_one_shard_per_replica() -> None:
     statefulset = one("StatefulSet")
     replicas = statefulset["spec"]["replicas"]
@@ -473,7 +479,12 @@ def test_pod_meets_the_restricted_profile_and_matches_the_image() -> None:
     assert set(resources["requests"]) == set(resources["limits"]) == {"cpu", "memory"}
     mounts = {m["mountPath"]: m for m in box["volumeMounts"]}
     assert mounts["/tmp"]["name"] in {v["name"] for v in pod["volumes"] if "emptyDir" in v}
-    assert all(m.get("readOnly") for path, m in mounts.items() if path != "/tmp")
+    # The state directory the deployed config names (the object ledger) is writable, on disk, and the image's too.
+    state_dir = deployed_state_dir()
+    on_disk = {v["name"] for v in pod["volumes"] if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"}
+    assert mounts[state_dir]["name"] in on_disk and not mounts[state_dir].get("readOnly")
+    assert f"install -d -o {uid} -g {gid} -m 0700 {state_dir}" in " ".join(instructions.get("RUN", "").split())
+    assert all(m.get("readOnly") for path, m in mounts.items() if path not in ("/tmp", state_dir))
     terms = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert "kubernetes.io/hostname" in {t["podAffinityTerm"]["topologyKey"] for t in terms}
     for term in terms:
@@ -617,7 +628,8 @@ def test_deployed_config_runs_as_a_pod_would(sandbox_process: str, tmp_path: Pat
            "PLATFORM_URL": platform, "PLATFORM_PUBLIC_URL": "", "TWILIO_API_URL": f"{platform}/twilio",
            "TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "GMAIL_API_URL": f"{platform}/google",
            "GMAIL_OAUTH_TOKEN_URL": f"{platform}/google/token", "LLM_BASE_URL": f"{platform}/llm/openai/v1",
-           "STATUSPAGE_URL": f"{platform}/statuspage", "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+           "STATUSPAGE_URL": f"{platform}/statuspage", "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+           "CANARY_STATE_DIR": str(tmp_path / "state")}
     port = free_port()
     daemon = Process(probe_command("run", "--config", str(K8S / "config.toml"), "--listen", f"127.0.0.1:{port}"),
                      env=env, cwd=tmp_path)
@@ -671,7 +683,7 @@ def test_unit_is_hardened_and_reloads_and_stops_as_the_daemon_expects() -> None:
         "NoNewPrivileges": "yes", "CapabilityBoundingSet": "", "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
         "ExecReload": "/bin/kill -HUP $MAINPID", "KillSignal": "SIGTERM", "ConfigurationDirectory": "channel-canary",
         "Environment": "CANARY_SECRETS_DIR=%d", "EnvironmentFile": "/etc/channel-canary/canary.env",
-        "RestartPreventExitStatus": "2",
+        "RestartPreventExitStatus": "2", "StateDirectory": deployed_state_dir().removeprefix("/var/lib/"),
     }
     for key, value in expected.items():
         assert values.get(key) == [value], f"{key}={values.get(key)}"

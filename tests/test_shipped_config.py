@@ -1,8 +1,9 @@
 """The shipped config.toml against the sandbox, as a CI smoke test would run it: all green, and one fault at a
-time turns exactly its channel red with the runbook's reason."""
+time turns exactly its channel red with the runbook's reason; its Kafka probes against a fresh broker."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import ROOT, free_port, port_open, probe_command
+from tests.kafka_broker import Broker, create_topics
 
 
 def platform_env(platform: str) -> dict[str, str]:
@@ -90,3 +92,22 @@ def test_one_fault_turns_exactly_its_channel_red(
     # The canary left nothing behind in the platform's tickets, whatever failed.
     with urllib.request.urlopen(f"{sandbox_process}/_sandbox/tickets", timeout=5) as response:
         assert json.loads(response.read())["tickets"] == []
+
+
+def test_the_shipped_kafka_probes_pass_against_a_fresh_broker(own_kafka_broker: Broker) -> None:
+    """A fresh cluster holds the platform's topics, which the platform creates, but not the canary's: the kafka probe
+    creates fte.canary and its round trip passes in that same run (it used to fail with "topics missing from the
+    cluster: fte.canary"); kafka-lag, on the same channel, sees consumer groups with nothing to consume."""
+    asyncio.run(create_topics(own_kafka_broker.bootstrap, "fte.tickets.incoming"))
+    env = {**os.environ, **platform_env(f"http://127.0.0.1:{free_port()}"),
+           "KAFKA_BOOTSTRAP_SERVERS": own_kafka_broker.bootstrap}
+    completed = subprocess.run(probe_command("--once", "--config", "config.toml", "--only", "kafka", "--format", "json"),
+                               capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    report = json.loads(completed.stdout)
+    results = {r["name"]: r for r in report["results"]}
+    assert set(results) == {"kafka", "kafka-lag"}
+    assert results["kafka"]["success"], results["kafka"]["message"]
+    assert results["kafka"]["message"].startswith("canary round trip through fte.canary partition 0 in ")
+    assert results["kafka"]["message"].endswith("(created the canary topic: 1 partitions, replication 1)")
+    assert results["kafka-lag"]["success"], results["kafka-lag"]["message"]
+    assert completed.returncode == 0, completed.stderr

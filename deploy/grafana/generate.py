@@ -544,8 +544,21 @@ def build_channel_health() -> dash.Dashboard:
                 "fails `threshold`.",
                 "short",
                 query(f"max by (group) (canary_probe_kafka_consumer_group_lag{sel()})", "{{group}}"),
-                width=8,
+                width=6,
                 thresholds=steps((None, GREEN), (t["kafka_consumer_lag"], RED)),
+            )
+        )
+        .with_panel(
+            graph(
+                "Oldest waiting message",
+                "canary_probe_kafka_consumer_group_lag_seconds: how long the group's oldest unconsumed message has "
+                "waited, read from its own timestamp (one fetch at the committed offset). Customers behind it have "
+                f"waited at least as long: above {t['kafka_lag_warning_seconds']:g} s (the agent reply SLA) "
+                "CanaryKafkaMessagesWaiting opens a ticket.",
+                "s",
+                query(f"max by (group) (canary_probe_kafka_consumer_group_lag_seconds{sel()})", "{{group}}"),
+                width=6,
+                thresholds=steps((None, GREEN), (t["kafka_lag_warning_seconds"], ORANGE), (t["kafka_lag_critical_seconds"], RED)),
             )
         )
         .with_panel(
@@ -556,7 +569,7 @@ def build_channel_health() -> dash.Dashboard:
                 "STOP fail the probe.",
                 query(f"max by (group) (canary_probe_kafka_consumer_group_status{sel()})", "{{group}}"),
                 mappings=KAFKA_STATUS,
-                width=8,
+                width=6,
             )
         )
         .with_panel(
@@ -566,7 +579,7 @@ def build_channel_health() -> dash.Dashboard:
                 "run (a poison pill). Any growth fails the kafka_dlq probe with its default max_growth of 0.",
                 "short",
                 query(f"max by (topic) (canary_probe_kafka_dlq_growth{sel()})", "{{topic}}"),
-                width=8,
+                width=6,
                 bars=True,
                 thresholds=steps((None, GREEN), (1, RED)),
             )

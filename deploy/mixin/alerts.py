@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 
 CRITICAL_CHANNEL = 'importance="critical"'
 COMPLETION_PHASE = 'phase="completion"'
+NOT_SATURATED = 'reason!="saturated"'  # slots a saturated canary skips are CanarySaturated's
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class Alert:
     platform_explains: bool = False
     # A precise page for one cause of a probe's failure: inhibits the generic CanaryProbeFailing of that probe.
     explains_probe_failure: bool = False
+    # Judges durations, which a saturated canary stretches: inhibited while CanarySaturated fires in its location.
+    slowed_by_saturation: bool = False
 
 
 @dataclass
@@ -246,14 +249,14 @@ class Mixin:
                 "CanaryApiLatencyHigh", "ticket", f"{p95('10m')} > {number(warning)}", "10m",
                 "API p95 latency above " + seconds(warning),
                 text.replace("{window}", "10 minutes").replace("{limit}", seconds(warning)),
-                platform_explains=True,
+                platform_explains=True, slowed_by_saturation=True,
             ),
             Alert(
                 "CanaryApiLatencyHigh", "page",
                 self.quorum(f"{p95('5m', self.crit)} > {number(critical)}", p95("5m", self.crit), group_q, "max"),
                 "5m", "API p95 latency above " + seconds(critical),
                 page_text.replace("{window}", "5 minutes").replace("{limit}", seconds(critical)),
-                platform_explains=True,
+                platform_explains=True, slowed_by_saturation=True,
             ),
         ]
 
@@ -274,7 +277,7 @@ class Mixin:
                 f"canary in the last 30 minutes took {seconds(sla)} or longer, or never came (90th percentile "
                 "{{ $value | humanizeDuration }}; a reply that never came counts as the whole wait). The tier-1 "
                 f"promise is a reply within {seconds(sla)}.",
-                platform_explains=True,
+                platform_explains=True, slowed_by_saturation=True,
             ),
         ]
 
@@ -392,6 +395,7 @@ class Mixin:
                 f"LLM completions take longer than {seconds(slow)}",
                 "{{ $labels.probe }}" + self.where() + ": a 1-token completion took {{ $value | humanizeDuration }}, "
                 f"above {seconds(slow)}, for 10 minutes.",
+                slowed_by_saturation=True,
             ),
             Alert(
                 "CanaryLLMProviderOutage", "ticket",
@@ -473,9 +477,29 @@ class Mixin:
             return (f"max by ({keys}) (canary_probe_kafka_consumer_group_status"
                     f"{self.sel(cfg.KAFKA_LAG_SELECTOR, *matchers)})")
 
+        def age(*matchers: str) -> str:
+            return (f"max by ({group}) (canary_probe_kafka_consumer_group_lag_seconds"
+                    f"{self.sel(cfg.KAFKA_LAG_SELECTOR, *matchers)})")
+
+        warning, critical = t["kafka_lag_warning_seconds"], t["kafka_lag_critical_seconds"]
+        waited = ("the oldest unconsumed message of consumer group {{ $labels.group }} has waited "
+                  "{{ $value | humanizeDuration }}")
         stalled = "status {{ $value }} (2 STALL: committed offsets stopped moving while lag stays; 3 STOP: no "
         stalled += "progress for the probe's stop_after)"
         return [
+            Alert(
+                "CanaryKafkaMessagesWaiting", "ticket", f"{age()} > {number(warning)}", "5m",
+                "Messages for consumer group {{ $labels.group }} wait longer than " + seconds(warning),
+                "{{ $labels.probe }}" + self.where() + ": " + waited + ", and for 5 minutes every run has found one "
+                f"older than {seconds(warning)} (the agent reply SLA): customers are not getting replies in time.",
+            ),
+            Alert(
+                "CanaryKafkaMessagesWaiting", "page",
+                self.quorum(f"{age(self.crit)} > {number(critical)}", age(self.crit), group_q, "max"), "2m",
+                "Messages for consumer group {{ $labels.group }} wait longer than " + seconds(critical),
+                "{{ $labels.probe }}: " + waited + f"; for 2 minutes a quorum of locations has found one older than "
+                f"{seconds(critical)}: customers are not getting replies, and Kafka is critical here.",
+            ),
             Alert(
                 "CanaryKafkaConsumerLagHigh", "ticket",
                 f"max by ({group}) (canary_probe_kafka_consumer_group_lag{self.sel(cfg.KAFKA_LAG_SELECTOR)})"
@@ -597,10 +621,32 @@ class Mixin:
                 channel="canary", labels=mine,
             ),
             Alert(
-                "CanaryRunsSkipped", "ticket", f"increase(canary_scheduler_skipped_runs_total{self.sel()}[15m]) > 0",
+                "CanaryRunsSkipped", "ticket",
+                f"increase(canary_scheduler_skipped_runs_total{self.sel(NOT_SATURATED)}[15m]) > 0",
                 "15m", "The canary skips scheduled runs",
                 "{{ $labels.instance }} skipped {{ $value }} scheduled runs in the last 15 minutes, and has kept "
                 "skipping for 15 minutes: runs outlast their interval, so probes run less often than configured.",
+                channel="canary", labels=mine,
+            ),
+            Alert(
+                "CanaryOrphanedObjects", "ticket",
+                f"canary_orphaned_objects{self.sel()} > {number(t['orphaned_objects'])}", self.cfg.ORPHANED_OBJECTS_FOR,
+                "Synthetic objects of probe {{ $labels.probe }} are left on the platform",
+                "{{ $labels.instance }} holds {{ $value }} synthetic objects (tickets) that probe {{ $labels.probe }} "
+                f"created on the platform and has not removed for {duration_words(self.cfg.ORPHANED_OBJECTS_FOR)}: the "
+                "platform refuses their cleanup, or the probe is no longer configured. Until removed they show up in "
+                "the platform's queues and reports as real tickets. The daemon's log says why each removal failed.",
+                channel="canary", labels=mine,
+            ),
+            Alert(
+                "CanarySaturated", "ticket",
+                f"canary_saturation_ratio{self.sel()} > {number(t['saturation_ratio'])}", "2m",
+                "The canary {{ $labels.instance }} cannot keep up with its probes",
+                "{{ $labels.instance }} has been saturated for 2 minutes (canary_saturation_ratio = {{ $value }}): its "
+                "event loop runs behind its timers, so it skips slots it could not finish and calls a run that times out "
+                "meanwhile starved, which is no verdict and pages nobody. Until it catches up, the alerts that judge "
+                "durations from its location and its own staleness and skipped-run alerts are inhibited: one ticket, not "
+                "a page per channel. Give it more CPU, or split its probes into shards.",
                 channel="canary", labels=mine,
             ),
         ]
@@ -723,6 +769,7 @@ def alertmanager_config(cfg: SimpleNamespace, alerts: Iterable[Alert]) -> dict[s
 
     explained = names(a for a in alerts if a.platform_explains)
     precise = names(a for a in alerts if a.explains_probe_failure)
+    slowed = names(a for a in alerts if a.slowed_by_saturation)
     channels = "|".join(cfg.PLATFORM_CHANNELS)
     grouping = [g for g in cfg.GROUPING if g != cfg.LOCATION_LABEL]  # what a quorum page keeps
     deployment = [g for g in grouping if g != "channel"]  # e.g. environment: the platform of one deployment
@@ -753,6 +800,16 @@ def alertmanager_config(cfg: SimpleNamespace, alerts: Iterable[Alert]) -> dict[s
             {   # the canary cannot be scraped: its other alerts about itself are consequences
                 "source_matchers": ['alertname="CanaryTargetDown"'],
                 "target_matchers": ['component="canary"', 'alertname!="CanaryTargetDown"'],
+                "equal": ["job", "instance"],
+            },
+            {   # the canary is saturated: the durations it measures are stretched by its own lag
+                "source_matchers": ['alertname="CanarySaturated"'],
+                "target_matchers": [f'alertname=~"{slowed}"'],
+                "equal": [g for g in cfg.GROUPING if g != "channel"],  # the same deployment and location
+            },
+            {   # ...and its probes go stale and its slots are skipped because of it
+                "source_matchers": ['alertname="CanarySaturated"'],
+                "target_matchers": ['component="canary"', 'alertname=~"CanaryProbeStale|CanaryRunsSkipped"'],
                 "equal": ["job", "instance"],
             },
             {   # the page of an alert makes its ticket redundant

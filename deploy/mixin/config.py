@@ -95,16 +95,27 @@ THRESHOLDS = {
     "escalation_ratio_warning": 0.3,
     "escalation_ratio_critical": 0.6,
     "kafka_consumer_lag": 100,
+    # Age of a group's oldest unconsumed message (kafka_lag's lag_seconds). Over the agent reply SLA (15 s) every
+    # customer behind it has already missed it: a ticket after 5 minutes. Four times the SLA for 2 minutes pages
+    # where Kafka is critical (the consumers have then been stuck for 3 minutes or more).
+    "kafka_lag_warning_seconds": 15.0,
+    "kafka_lag_critical_seconds": 60.0,
     "gmail_watch_min_remaining_seconds": 24 * 3600,
     "tls_expiry_warning_days": 14,
     "tls_expiry_critical_days": 3,
     "stale_intervals": 3,
+    # canary_saturation_ratio above which a canary is saturated: ~0.1 is a loop steadily 10 ms behind its timers
+    # (every run starts that late); a healthy one stays near 0 (canary/saturation.py).
+    "saturation_ratio": 0.1,
     "db_long_queries": 0,  # queries over db_long_query_seconds (the postgres probe's long_query_threshold)
     "db_ungranted_locks": 0,
     "kafka_dlq_growth": 0,
     "statuspage_outage_indicator": 2,  # 0 none, 1 minor, 2 major, 3 critical
     "redis_memory_ratio": 0.9,
+    # Synthetic objects (tickets) the canary created and could not remove: any left this long is a ticket to file.
+    "orphaned_objects": 0,
 }
+ORPHANED_OBJECTS_FOR = "15m"
 
 # Recording rule names: the rules define them, the dashboards and alerts read them. Labels: GROUPING.
 ERROR_RATIO = "channel:canary_probe_errors:ratio_rate{window}"  # failed / all runs of critical probes
