@@ -35,10 +35,13 @@ class RecordingObserver:
         self.samples.append((self._clock(), seconds))
         self._metrics.observe_lateness(seconds)
 
-    def count_skipped(self, name: str, slots: int) -> None:
+    def count_skipped(self, name: str, slots: int, reason: str) -> None:
         self.skipped[name] += slots
         self.skip_events.append(self._clock())
-        self._metrics.count_skipped(name, slots)
+        self._metrics.count_skipped(name, slots, reason)
+
+    def count_starved(self, name: str) -> None:
+        self._metrics.count_starved(name)
 
 
 class GcWatch:

@@ -95,7 +95,8 @@ def run(config: Path, seconds: float) -> None:
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         wait_for_port(sandbox_port, sandbox)
         started = time.monotonic()
-        daemon = children.start([str(probe), "run", "--config", str(config), "--listen", f"{HOST}:{daemon_port}"],
+        daemon = children.start([str(probe), "run", "--config", str(config), "--listen", f"{HOST}:{daemon_port}",
+                                 "--state.dir", str(Path(secrets) / "state")],  # not the home's default state directory
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
         wait_for_port(daemon_port, daemon, timeout=30)
         ready_after = time.monotonic() - started

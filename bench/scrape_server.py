@@ -6,7 +6,8 @@ Fills a ResultStore with `--probes` probes' results (a mix like a large deployme
 and channel maps, postgres probes with gauges, a few failing ones), serves exporter/server.py's app on
 127.0.0.1, and adds three benchmark-only routes beside the product's own:
     POST /_bench/churn   record one new result for every probe (the steady state between two scrapes)
-    GET  /_bench/render  time the /metrics body built in-process, without HTTP (?reps=N)
+    GET  /_bench/render  time the /metrics body built in-process, without HTTP (?reps=N; ?gzip=1: the gzip body,
+                         and whether it decompresses to the plain body built at the same moment)
     GET  /_bench/stats   VmRSS / VmHWM and the RSS at each stage
 Ends on SIGTERM or SIGINT.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import gzip
 import json
 import random
 import signal
@@ -142,14 +144,20 @@ async def serve(port: int, count: int) -> None:
 
     async def render(request: web.Request) -> web.Response:
         reps = min(int(request.query.get("reps", "5")), 50)
+        build = exposition.gzip_exposition if request.query.get("gzip") else exposition.exposition
         times, size = [], 0
         for _ in range(reps):
             started = time.perf_counter()
-            body = exposition.exposition(store.records(), store.channels(), prefix=metrics.exposition())
+            body = build(store.records(), store.channels(), prefix=metrics.exposition())
             times.append(time.perf_counter() - started)
             size = len(body)
             del body
-        return web.json_response({"seconds": times, "bytes": size})
+        identical = None
+        if request.query.get("gzip"):
+            prefix = metrics.exposition()  # the same prefix for both, so the bodies can be compared byte for byte
+            plain = exposition.exposition(store.records(), store.channels(), prefix=prefix)
+            identical = gzip.decompress(exposition.gzip_exposition(store.records(), store.channels(), prefix=prefix)) == plain
+        return web.json_response({"seconds": times, "bytes": size, "identical": identical})
 
     async def stats(request: web.Request) -> web.Response:
         if request.query.get("reset_peak"):

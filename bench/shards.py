@@ -249,7 +249,8 @@ def _measure(children: Children, probe: Path, work: Path, base_url: str, target_
     for shard in range(shards):
         port = free_port()
         log = (work / f"daemon-{shards}-{count}-{shard}.log").open("wb")
-        proc = children.start([str(probe), "run", "--config", str(config), "--listen", f"{HOST}:{port}", "--shard", f"{shard}/{shards}"],
+        proc = children.start([str(probe), "run", "--config", str(config), "--listen", f"{HOST}:{port}", "--shard", f"{shard}/{shards}",
+                               "--state.dir", str(work / f"state-{shards}-{count}-{shard}")],
                               stdout=log, stderr=log)
         started.append((proc, port))
     try:
