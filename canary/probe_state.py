@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 
 from pydantic import ValidationError
 
+from canary.atomic_file import os_reason, write_atomically
 from canary.contract import Probe, ProbeSettings
 
 log = logging.getLogger("canary.probe_state")
@@ -63,7 +64,7 @@ def why(exc: BaseException) -> str:
         return "; ".join(
             f"{'.'.join(str(part) for part in error['loc']) or 'state'}: {error['msg']}" for error in exc.errors()[:2]
         )
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return os_reason(exc)
 
 
 def export(settings: ProbeSettings, probe: Probe) -> _Saved | None:
@@ -217,19 +218,9 @@ class ProbeStateBook:
 
     def _write_file(self, text: str) -> bool:
         assert self.path is not None
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with temporary.open("w", encoding="utf-8") as file:
-                file.write(text)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
+            write_atomically(self.path, (text,))
         except OSError as exc:
-            try:
-                temporary.unlink(missing_ok=True)
-            except OSError:
-                pass
             if why(exc) != self._save_failed:
                 log.warning("cannot save the probe state to %s (%s); it is retried", self.path, why(exc))
             self._save_failed = why(exc)

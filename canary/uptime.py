@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from canary.atomic_file import os_reason, write_atomically
 from canary.state import ProbeRecord
 
 log = logging.getLogger("canary.uptime")
@@ -269,7 +270,7 @@ class UptimeBook:
             log.info("no uptime history at %s yet; starting empty", self.path)
             return False
         except (OSError, UnicodeDecodeError) as exc:
-            log.warning("cannot read the uptime history %s (%s); starting empty", self.path, _why(exc))
+            log.warning("cannot read the uptime history %s (%s); starting empty", self.path, os_reason(exc))
             return False
         try:
             probes = _parse(text)
@@ -326,26 +327,19 @@ class UptimeBook:
         assert self.path is not None
         header = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "bucket_seconds": int(HOUR)},
                             separators=(",", ":"))
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+
+        def pieces() -> Iterable[str]:
+            # A probe at a time: the whole document as one string would be 45 MB for 10,000 probes' week, kept by
+            # the allocator long after the save.
+            yield header[:-1] + ',"probes":{'
+            for position, (name, buckets) in enumerate(snapshot.items()):
+                yield ("," if position else "") + json.dumps(name) + ":" + json.dumps(buckets.encode(), separators=(",", ":"))
+            yield "}}"
+
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with temporary.open("w", encoding="utf-8") as file:
-                # A probe at a time: the whole document as one string would be 45 MB for 10,000 probes' week, kept
-                # by the allocator long after the save.
-                file.write(header[:-1] + ',"probes":{')
-                for position, (name, buckets) in enumerate(snapshot.items()):
-                    file.write(("," if position else "") + json.dumps(name) + ":"
-                               + json.dumps(buckets.encode(), separators=(",", ":")))
-                file.write("}}")
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
+            write_atomically(self.path, pieces())
         except OSError as exc:
-            try:
-                temporary.unlink(missing_ok=True)
-            except OSError:
-                pass
-            why = _why(exc)
+            why = os_reason(exc)
             if why != self._save_failed:
                 log.warning("cannot save the uptime history to %s (%s); it stays in memory and is retried", self.path, why)
             self._save_failed = why
@@ -355,10 +349,6 @@ class UptimeBook:
             log.info("uptime history saved to %s again", self.path)
             self._save_failed = None
         return True
-
-
-def _why(exc: BaseException) -> str:
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def _parse(text: str) -> dict[str, _Buckets]:
