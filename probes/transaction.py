@@ -61,6 +61,23 @@ class Poll(BaseModel):
     within: Duration
 
 
+def _conditions(conditions: list[str]) -> list[str]:
+    for condition in conditions:
+        parse_condition(condition)
+    return conditions
+
+
+def _extractions(extract: dict[str, str]) -> dict[str, str]:
+    """Variables a step or the sweep extracts: plain names that do not shadow a built-in one, valid paths."""
+    for variable, path in extract.items():
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", variable):
+            raise ValueError(f"variable name {variable!r} must be lower-case letters, digits and _")
+        if variable in BUILTIN_VARIABLES:
+            raise ValueError(f"variable name {variable!r} is built in")
+        parse_path(path)
+    return extract
+
+
 class Step(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
@@ -77,23 +94,8 @@ class Step(BaseModel):
     poll: Poll | None = None
     max_body_bytes: int = Field(default=1_048_576, gt=0)
 
-    @field_validator("expect")
-    @classmethod
-    def _valid_conditions(cls, conditions: list[str]) -> list[str]:
-        for condition in conditions:
-            parse_condition(condition)
-        return conditions
-
-    @field_validator("extract")
-    @classmethod
-    def _valid_extract(cls, extract: dict[str, str]) -> dict[str, str]:
-        for variable, path in extract.items():
-            if not re.fullmatch(r"[a-z_][a-z0-9_]*", variable):
-                raise ValueError(f"variable name {variable!r} must be lower-case letters, digits and _")
-            if variable in BUILTIN_VARIABLES:
-                raise ValueError(f"variable name {variable!r} is built in")
-            parse_path(path)
-        return extract
+    _valid_conditions = field_validator("expect")(lambda cls, conditions: _conditions(conditions))
+    _valid_extract = field_validator("extract")(lambda cls, extract: _extractions(extract))
 
     @model_validator(mode="after")
     def _one_body(self) -> "Step":
@@ -131,21 +133,8 @@ class Sweep(BaseModel):
         parse_path(path)
         return path
 
-    @field_validator("match")
-    @classmethod
-    def _valid_conditions(cls, conditions: list[str]) -> list[str]:
-        for condition in conditions:
-            parse_condition(condition)
-        return conditions
-
-    @field_validator("extract")
-    @classmethod
-    def _valid_extract(cls, extract: dict[str, str]) -> dict[str, str]:
-        for variable, path in extract.items():
-            if not re.fullmatch(r"[a-z_][a-z0-9_]*", variable):
-                raise ValueError(f"variable name {variable!r} must be lower-case letters, digits and _")
-            parse_path(path)
-        return extract
+    _valid_conditions = field_validator("match")(lambda cls, conditions: _conditions(conditions))
+    _valid_extract = field_validator("extract")(lambda cls, extract: _extractions(extract))
 
     def as_step(self) -> Step:
         return Step(name="sweep", url=self.url, headers=self.headers, expect_status=self.expect_status,
