@@ -8,7 +8,7 @@ import time
 from typing import Callable, Iterator, Mapping
 
 from prometheus_client import (
-    CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, disable_created_metrics, generate_latest,
+    CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info, ProcessCollector, disable_created_metrics, generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -86,6 +86,9 @@ class DaemonMetrics:
         )
         # CPU, memory, open files and start time of this process (`process_*`), as every Prometheus exporter has.
         ProcessCollector(registry=self.registry)
+        # Its garbage collections per generation (`python_gc_*`, as prometheus-client's default registry has): a
+        # canary whose probes run late shows here whether full collections are the cause.
+        GCCollector(registry=self.registry)
         self._labelled = _WithStaticLabels(self.registry, labels or {})
 
     def watch_leftovers(self, counts: Callable[[], Mapping[str, int]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import signal
@@ -364,6 +365,9 @@ def test_exporter_conventions_reload_endpoint_process_build_labels_and_openmetri
         assert set(build[0]) == {"version", "revision", "python_version", "environment"}
         assert values[("process_resident_memory_bytes", ENV)] > 0
         assert values[("process_cpu_seconds_total", ENV)] >= 0
+        # Its garbage collections, with the collector set as the daemon sets it (full collections rare).
+        assert {labels for (name, labels) in values if name == "python_gc_collections_total"} == {
+            ENV | {("generation", g)} for g in "012"}
         assert values[("canary_probes", ENV)] == 2
 
         # OpenMetrics when the scraper asks for it: strictly valid (the parser checks `_total`, `# EOF`, ...).
@@ -423,3 +427,26 @@ def test_probe_version_names_the_release() -> None:
 
     completed = subprocess.run(probe_command("--version"), capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert completed.returncode == 0 and completed.stdout.strip() == f"channel-canary {__version__}"
+
+
+def test_the_daemon_sets_the_collector_so_full_collections_are_rare(tmp_path: Path) -> None:
+    """Every probe's latest result lives an interval, so it reaches the oldest generation; at Python's default a full
+    collection walks all of them about once a second at 10,000 probes and frees nothing. `probe run` raises the
+    threshold of full collections (and freezes what start-up built)."""
+    from canary.cli import COLLECTOR_THRESHOLDS, _daemon, _parser
+    from canary.config import load_config
+    from probes import PROBE_TYPES
+
+    path = write_config(tmp_path, config_text("http://127.0.0.1:9", free_port()))
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        daemon = _daemon(load_config(path, PROBE_TYPES), _parser().parse_args(
+            ["run", "--config", str(path), "--listen", f"127.0.0.1:{free_port()}", "--state.dir", str(tmp_path / "state")]))
+        assert daemon is not None
+        assert gc.get_threshold() == COLLECTOR_THRESHOLDS
+        assert COLLECTOR_THRESHOLDS[2] >= 100 * 10  # a hundred times rarer than the default
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
