@@ -253,7 +253,7 @@ async def test_a_reload_is_bounded_even_when_a_probe_ignores_its_cancellation() 
         changed = settings("stubborn", "ok", interval=10.0, timeout=8.0)
         store.sync((changed,), (0.1, 1.0), 50)
         await scheduler.apply((changed,), 0.001, Scrubber())
-        assert time.monotonic() - started < 1.4  # the 0.5 s bound, not the rest of the stubborn probe's run
+        assert time.monotonic() - started < 4.0  # the 0.5 s bound, not the rest of the stubborn probe's 8 s run (loaded machines)
         assert ("stubborn", "ignored a cancel") in BehaviourProbe.events
         abandoned, = scheduler._abandoned
         await asyncio.wait_for(abandoned, timeout=5)  # it finished its run in the end...
